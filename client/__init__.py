@@ -1,0 +1,1 @@
+"""The data owner's side: CLI, local training on the emulator, evaluation."""

@@ -1,0 +1,221 @@
+"""`offsite demo`: the whole offsite-tuning workflow on loopback, through the real daemon and CLI.
+
+Each step is the real command in its own process, so each row's peak memory is that process's own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from ..common.contract import DEFAULT_MODEL
+from ..owner.store import Store
+
+MiB = 1024 * 1024
+READY_TIMEOUT_SECONDS = 600
+
+
+def sample_path(name: str) -> Path:
+    return Path(str(resources.files("offsite.client") / "data" / name))
+
+
+def run_json(command: list[str], env: dict[str, str]) -> dict[str, Any]:
+    """Runs one CLI command with --json; its progress goes to our stderr, its last stdout line is the result."""
+    completed = subprocess.run([*command, "--json"], env=env, stdout=subprocess.PIPE, text=True)
+    lines = completed.stdout.strip().splitlines()
+    result = json.loads(lines[-1]) if lines else {}
+    if completed.returncode != 0 or not result.get("ok"):
+        raise RuntimeError(f"{' '.join(command[2:4])} failed: {result.get('error', completed.returncode)}")
+    return result
+
+
+def start_owner(model: str, store: Path, layout: str, log: Path, env: dict[str, str]) -> tuple[subprocess.Popen, str]:
+    command = [
+        sys.executable,
+        "-m",
+        "offsite.owner",
+        "serve",
+        "--model",
+        model,
+        "--store",
+        str(store),
+        "--listen",
+        "127.0.0.1:0",
+        "--emulator",
+        f"uniform:{layout}",
+        "--json",
+    ]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log.open("w"), text=True, env=env)
+    deadline = time.monotonic() + READY_TIMEOUT_SECONDS
+    assert process.stdout is not None
+    for line in process.stdout:
+        if line.startswith("{"):
+            ready = json.loads(line)
+            return process, ready["address"]
+        if time.monotonic() > deadline:
+            break
+    process.kill()
+    raise RuntimeError(f"the owner daemon did not start; see {log}:\n{log.read_text()[-2000:]}")
+
+
+def _fmt(value: float | None, pattern: str) -> str:
+    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, pattern)
+
+
+def render_table(rows: list[dict[str, Any]]) -> str:
+    header = (
+        "| row | accuracy | loss | eval s | train wall s | train peak RSS MiB | eval peak RSS MiB |\n"
+        "|---|---|---|---|---|---|---|"
+    )
+    lines = [header]
+    for row in rows:
+        lines.append(
+            f"| {row['row']} | {_fmt(row['accuracy'], '.4f')} | {_fmt(row['loss'], '.4f')} | "
+            f"{_fmt(row['eval_seconds'], '.1f')} | {_fmt(row.get('train_seconds'), '.1f')} | "
+            f"{_fmt(row.get('train_peak_rss_mib'), '.0f')} | {_fmt(row['eval_peak_rss_mib'], '.0f')} |"
+        )
+    return "\n".join(lines)
+
+
+def _row(name: str, report: dict[str, Any], training: dict[str, Any] | None) -> dict[str, Any]:
+    return {
+        "row": name,
+        "accuracy": report["accuracy"],
+        "loss": report["loss"],
+        "examples": report["examples"],
+        "eval_seconds": report["seconds"],
+        "eval_peak_rss_mib": report["peak_rss_bytes"] / MiB,
+        "eval_where": report["where"],
+        "train_seconds": training["seconds"] if training else None,
+        "train_peak_rss_mib": training["peak_rss_bytes"] / MiB if training else None,
+    }
+
+
+def run_demo(args: argparse.Namespace) -> None:
+    started = time.perf_counter()
+    workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="offsite-demo-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    train_data = args.train_data or str(sample_path("sst2_train.jsonl"))
+    eval_data = args.eval_data or str(sample_path("sst2_dev.jsonl"))
+    store = workdir / "owner-store"
+    token = Store(store).add_tenant(f"demo-{int(time.time())}")
+    env = dict(os.environ, OFFSITE_TOKEN=token)
+    offsite = [sys.executable, "-m", "offsite.client"]
+    say = (lambda text: print(text, file=sys.stderr, flush=True)) if args.json else print
+
+    say(f"[demo] work directory: {workdir}")
+    say(f"[demo] starting the owner daemon on {args.model or DEFAULT_MODEL} (first start converts the GGUF) ...")
+    owner, address = start_owner(args.model, store, args.layout, workdir / "owner.log", env)
+    try:
+        emulator_dir, adapter_dir = workdir / "emulator", workdir / "adapter"
+        say(f"[demo] owner ready on {address}; pulling the signed emulator")
+        pulled = run_json([*offsite, "pull", "--server", address, "--out", str(emulator_dir)], env)
+        key = ["--owner-key", pulled["owner_public_key"]]
+        limits = ["--limit", str(args.eval_limit)]
+
+        say("[demo] emulator zero-shot, locally")
+        emulator_zero = run_json(
+            [*offsite, "eval", "--emulator", str(emulator_dir), "--data", eval_data, *limits, *key], env
+        )
+        say(f"[demo] training a {args.method} adapter locally on {args.train_limit} examples (no data leaves)")
+        train = [
+            *offsite,
+            "train",
+            "--emulator",
+            str(emulator_dir),
+            "--data",
+            train_data,
+            "--method",
+            args.method,
+            "--out",
+            str(adapter_dir),
+            "--limit",
+            str(args.train_limit),
+            "--epochs",
+            str(args.epochs),
+            *key,
+        ]
+        training = run_json(train + (["--lr", str(args.lr)] if args.lr else []), env)
+        say("[demo] emulator + adapter, locally")
+        emulator_adapter = run_json(
+            [
+                *offsite,
+                "eval",
+                "--emulator",
+                str(emulator_dir),
+                "--adapter",
+                str(adapter_dir),
+                "--data",
+                eval_data,
+                *limits,
+                *key,
+            ],
+            env,
+        )
+        say("[demo] pushing only the adapter weights")
+        pushed = run_json([*offsite, "push", "--server", address, "--adapter", str(adapter_dir)], env)
+        say("[demo] the owner evaluates its full model, zero-shot and with the adapter plugged in")
+        full_zero = run_json([*offsite, "eval", "--server", address, "--data", eval_data, *limits], env)
+        plugged = run_json(
+            [*offsite, "eval", "--server", address, "--adapter-id", pushed["adapter_id"], "--data", eval_data, *limits],
+            env,
+        )
+        sample = run_json(
+            [
+                *offsite,
+                "generate",
+                "--server",
+                address,
+                "--adapter-id",
+                pushed["adapter_id"],
+                "--prompt",
+                "Review: a moving, beautifully acted film\nSentiment:",
+                "--max-new-tokens",
+                "3",
+            ],
+            env,
+        )
+    finally:
+        owner.terminate()
+        owner.wait(timeout=60)
+
+    rows = [
+        _row("full model, zero-shot (owner)", full_zero, None),
+        _row(f"emulator uniform {args.layout}, zero-shot (local)", emulator_zero, None),
+        _row(f"emulator + {args.method} adapter (local)", emulator_adapter, training),
+        _row(f"plug-in: full model + {args.method} adapter (owner)", plugged, training),
+    ]
+    table = render_table(rows)
+    results = {
+        "ok": True,
+        "model": args.model,
+        "layout": args.layout,
+        "method": args.method,
+        "train_examples": training["examples"],
+        "eval_examples": rows[0]["examples"],
+        "adapter_id": pushed["adapter_id"],
+        "adapter_bytes": pushed["bytes"],
+        "rows": rows,
+        "generated": sample["text"],
+        "total_seconds": time.perf_counter() - started,
+        "workdir": str(workdir),
+    }
+    (workdir / "demo_results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (workdir / "demo_results.md").write_text(table + "\n")
+    if args.json:
+        print(json.dumps(results, sort_keys=True), flush=True)
+        return
+    print()
+    print(table)
+    print()
+    print(f"adapter {pushed['adapter_id'][:16]}… ({pushed['bytes'] / MiB:.2f} MiB) generated: {sample['text']!r}")
+    print(f"demo finished in {results['total_seconds']:.0f} s; results in {workdir}/demo_results.md")

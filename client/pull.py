@@ -1,0 +1,99 @@
+"""Pulls an emulator bundle file by file, resuming dropped streams, then verifies signature and hashes."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+from tqdm import tqdm
+
+from ..common.manifest import BundleError, verify_bundle
+from ..common.rpc import pb
+from .connection import Remote, RemoteError
+
+RETRIES = 5
+RETRY_PAUSE_SECONDS = 0.5
+PARTIAL_SUFFIX = ".part"
+
+
+def choose_offer(card: pb.ModelCard, emulator: str | None) -> pb.EmulatorOffer:
+    offers = {offer.id: offer for offer in card.emulators}
+    if not offers:
+        raise ValueError("the owner offers no emulator")
+    if emulator is None:
+        return card.emulators[0]
+    if emulator not in offers:
+        raise ValueError(f"the owner offers no emulator {emulator!r}; offered: {', '.join(offers)}")
+    return offers[emulator]
+
+
+def _download(remote: Remote, artifact: str, name: str, target: Path, bar: tqdm) -> None:
+    """Appends to TARGET.part from its current size; retries transient failures from where it stopped."""
+    partial = target.with_name(target.name + PARTIAL_SUFFIX)
+    expected_sha = None
+    for attempt in range(RETRIES + 1):
+        offset = partial.stat().st_size if partial.exists() else 0
+        try:
+            with partial.open("ab") as handle:
+                for chunk in remote.pull(artifact, name, offset):
+                    if chunk.offset != offset:
+                        raise BundleError(f"{name}: the owner sent offset {chunk.offset}, expected {offset}")
+                    handle.write(chunk.data)
+                    offset += len(chunk.data)
+                    bar.update(len(chunk.data))
+                    expected_sha = chunk.file_sha256
+                    if offset > chunk.file_size:
+                        raise BundleError(f"{name}: received more than its {chunk.file_size} bytes")
+            break
+        except grpc.RpcError as error:
+            transient = error.code() in (
+                grpc.StatusCode.UNAVAILABLE,
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                grpc.StatusCode.INTERNAL,
+                grpc.StatusCode.CANCELLED,
+            )
+            if not transient or attempt == RETRIES:
+                raise RemoteError(error) from None
+            time.sleep(RETRY_PAUSE_SECONDS * (attempt + 1))
+    digest = hashlib.sha256(partial.read_bytes()).hexdigest()
+    if digest != expected_sha:
+        partial.unlink()
+        raise BundleError(f"{target}: sha256 {digest} does not match the owner's {expected_sha}")
+    partial.replace(target)
+
+
+def pull_emulator(
+    remote: Remote, out: Path, emulator: str | None = None, owner_key: str | None = None, show_progress: bool = True
+) -> dict[str, Any]:
+    card = remote.model_card()
+    if owner_key is not None and card.owner_public_key != owner_key:
+        raise BundleError(f"the owner presents key {card.owner_public_key}, but the pinned key is {owner_key}")
+    offer = choose_offer(card, emulator)
+    out.mkdir(parents=True, exist_ok=True)
+    with tqdm(total=offer.bytes, unit="B", unit_scale=True, desc=f"pull {offer.id}", disable=not show_progress) as bar:
+        for name in offer.files:
+            if Path(name).name != name or name.startswith("."):
+                raise BundleError(f"the owner offered an unsafe file name {name!r}")
+            target = out / name
+            partial = target.with_name(name + PARTIAL_SUFFIX)
+            if target.exists() and not partial.exists():
+                target.unlink()  # a previous complete pull: fetch afresh rather than trust it
+            _download(remote, offer.id, name, target, bar)
+    try:
+        manifest = verify_bundle(out, owner_key or card.owner_public_key)
+    except BundleError:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+    return {
+        "emulator": offer.id,
+        "out": str(out),
+        "bytes": offer.bytes,
+        "files": list(offer.files),
+        "owner_public_key": card.owner_public_key,
+        "block_map": manifest["block_map"],
+        "adapter_blocks": manifest["adapter_blocks"],
+    }

@@ -1,0 +1,89 @@
+"""Local training on a pulled emulator: only the adapter blocks learn, and only their weights are written."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from ...common.adapter_format import FULL, LORA, METHODS, adapter_manifest_body
+from ...common.architectures import spec_for
+from ...common.examples import Example, tokenize_for_training
+from ...common.manifest import verify_bundle, write_manifest
+from ...common.model_loading import ensure_pad_token
+from . import full, lora
+from .config import TrainConfig
+from .loop import fit
+
+
+@dataclass
+class TrainResult:
+    adapter_dir: str
+    method: str
+    emulator: str
+    examples: int
+    steps: int
+    parameters: int
+    first_loss: float
+    last_loss: float
+    seconds: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def train_adapter(
+    emulator_dir: Path,
+    examples: list[Example],
+    config: TrainConfig,
+    out: Path,
+    owner_key: str | None = None,
+    show_progress: bool = True,
+) -> TrainResult:
+    """Verifies the emulator bundle, trains its adapter blocks on `examples`, writes the adapter bundle."""
+    if config.method not in METHODS:
+        raise ValueError(f"unknown method {config.method!r}; choose one of {', '.join(METHODS)}")
+    manifest = verify_bundle(emulator_dir, owner_key)
+    torch.manual_seed(config.seed)
+    emulator = AutoModelForCausalLM.from_pretrained(emulator_dir, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(emulator_dir)
+    spec = spec_for(emulator.config)
+    emulator_blocks = manifest["adapter_blocks"]["emulator"]
+    mapping = dict(zip(emulator_blocks, manifest["adapter_blocks"]["full"], strict=False))
+
+    model = (
+        lora.attach(emulator, spec, emulator_blocks, config)
+        if config.method == LORA
+        else full.attach(emulator, spec, emulator_blocks)
+    )
+    data = tokenize_for_training(tokenizer, examples, config.max_length)
+    stats = fit(model, data, ensure_pad_token(tokenizer), config, show_progress)
+
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    if config.method == LORA:
+        parameters = lora.export(model, spec, mapping, manifest.get("base_model", ""), partial)
+    else:
+        assert config.method == FULL
+        parameters = full.export(model, spec, mapping, partial)
+    extra = {"training": {**asdict(config), "lr": config.lr, "examples": len(examples), "steps": stats.steps}}
+    write_manifest(partial, adapter_manifest_body(config.method, manifest, extra))
+    if out.exists():
+        shutil.rmtree(out)
+    partial.rename(out)
+    return TrainResult(
+        str(out),
+        config.method,
+        manifest["id"],
+        len(examples),
+        stats.steps,
+        parameters,
+        stats.first_loss,
+        stats.last_loss,
+        stats.seconds,
+    )

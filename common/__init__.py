@@ -1,0 +1,1 @@
+"""Shared by the model owner and the data owner: architectures, bundles, transfer, security, evaluation."""

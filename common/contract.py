@@ -1,0 +1,37 @@
+"""Named constants of the wire and file contract, shared by both sides."""
+
+from __future__ import annotations
+
+MiB = 1024 * 1024
+
+# Transfer
+CHUNK_BYTES = 1 * MiB  # what the owner sends per ArtifactChunk
+MAX_CHUNK_BYTES = 4 * MiB  # the most either side accepts in one chunk
+MAX_MESSAGE_BYTES = 8 * MiB  # gRPC send/receive cap; a chunk plus framing fits well inside
+
+# Uploads
+MAX_ADAPTER_BYTES = 256 * MiB
+MAX_ADAPTER_FILES = 8
+MAX_LORA_RANK = 256
+ADAPTER_FILE_NAMES = frozenset({"adapter_config.json", "adapter_model.safetensors", "offsite.json"})
+ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+FLOAT_DTYPES = frozenset({"F32", "F16", "BF16"})
+
+# Evaluate / Generate
+MAX_EVAL_EXAMPLES = 20_000
+MAX_EXAMPLE_CHARS = 20_000
+MAX_NEW_TOKENS = 1024
+DEFAULT_MAX_LENGTH = 256
+
+# Bundles
+MANIFEST_NAME = "offsite.json"
+EMULATOR_FORMAT = "offsite.emulator/1"
+ADAPTER_FORMAT = "offsite.adapter/1"
+
+# Authentication
+TOKEN_METADATA_KEY = "authorization"
+TOKEN_SCHEME = "Bearer "
+
+DEFAULT_MODEL = "smollm2-135m"
+DEFAULT_EMULATOR = "uniform:2-8-2"

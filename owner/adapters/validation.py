@@ -1,0 +1,217 @@
+"""Validates an uploaded adapter before it may touch the full model.
+
+Only safetensors and JSON are read. Keys must lie in the emulator's adapter blocks, shapes and dtypes must
+match the full model, values must be finite, and the PEFT config may not ask for anything beyond LoRA on
+those blocks (no modules_to_save, no importable module names).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from transformers import PreTrainedModel
+
+from ...common.adapter_format import FULL, LORA, METHODS, full_key_pattern, lora_key_pattern
+from ...common.architectures import is_conv1d, spec_for
+from ...common.contract import (
+    ADAPTER_CONFIG_FILE,
+    ADAPTER_WEIGHTS_FILE,
+    FLOAT_DTYPES,
+    MANIFEST_NAME,
+    MAX_LORA_RANK,
+)
+
+# PEFT config fields that would widen what the adapter may change, or make PEFT import a named module.
+_FORBIDDEN_LORA_FIELDS = (
+    "modules_to_save",
+    "layer_replication",
+    "megatron_config",
+    "trainable_token_indices",
+    "target_parameters",
+    "rank_pattern",
+    "alpha_pattern",
+    "use_dora",
+    "runtime_config",
+)
+
+
+class AdapterRejected(ValueError):
+    """The upload is not acceptable; the message says precisely why."""
+
+
+@dataclass
+class Check:
+    name: str
+    passed: bool
+    detail: str
+
+
+@dataclass
+class ValidatedAdapter:
+    method: str
+    parameters: int
+    checks: list[Check] = field(default_factory=list)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise AdapterRejected(f"{path.name} is not valid JSON: {error}") from None
+    if not isinstance(value, dict):
+        raise AdapterRejected(f"{path.name} must hold a JSON object")
+    return value
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            dtypes = {k: handle.get_slice(k).get_dtype() for k in handle.keys()}
+            bad = {k: d for k, d in dtypes.items() if d not in FLOAT_DTYPES}
+            if bad:
+                key, dtype = next(iter(sorted(bad.items())))
+                raise AdapterRejected(
+                    f"{path.name}: tensor {key} has dtype {dtype}; allowed: {', '.join(sorted(FLOAT_DTYPES))}"
+                )
+            return {k: handle.get_tensor(k) for k in handle.keys()}
+    except SafetensorError as error:
+        raise AdapterRejected(f"{path.name} is not a valid safetensors file: {error}") from None
+
+
+def _check_lora(
+    tensors: dict[str, torch.Tensor], config: dict[str, Any], full: PreTrainedModel, blocks: set[int]
+) -> list[Check]:
+    spec = spec_for(full.config)
+    pattern = lora_key_pattern(spec)
+    if config.get("peft_type") != "LORA":
+        raise AdapterRejected(f"{ADAPTER_CONFIG_FILE}: peft_type must be LORA, not {config.get('peft_type')!r}")
+    for name in _FORBIDDEN_LORA_FIELDS:
+        if config.get(name):
+            raise AdapterRejected(f"{ADAPTER_CONFIG_FILE}: {name} is not allowed (got {config[name]!r})")
+    if config.get("bias", "none") != "none":
+        raise AdapterRejected(f"{ADAPTER_CONFIG_FILE}: bias must be 'none'")
+    layers = config.get("layers_to_transform")
+    if not isinstance(layers, list) or not layers or not set(layers) <= blocks:
+        raise AdapterRejected(
+            f"{ADAPTER_CONFIG_FILE}: layers_to_transform {layers!r} must be a non-empty subset of "
+            f"the adapter blocks {sorted(blocks)}"
+        )
+    if config.get("layers_pattern") not in (spec.layers_pattern, [spec.layers_pattern]):
+        raise AdapterRejected(f"{ADAPTER_CONFIG_FILE}: layers_pattern must be {spec.layers_pattern!r}")
+    rank = config.get("r")
+    if not isinstance(rank, int) or not 1 <= rank <= MAX_LORA_RANK:
+        raise AdapterRejected(f"{ADAPTER_CONFIG_FILE}: r must be an integer in 1..{MAX_LORA_RANK}, got {rank!r}")
+    targets = config.get("target_modules")
+    if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+        raise AdapterRejected(f"{ADAPTER_CONFIG_FILE}: target_modules must be a list of module names")
+
+    modules: dict[tuple[int, str], set[str]] = {}
+    for key, tensor in tensors.items():
+        match = pattern.match(key)
+        if match is None:
+            raise AdapterRejected(f"{ADAPTER_WEIGHTS_FILE}: key {key} is not a LoRA weight inside a transformer block")
+        index, module_path, half = int(match.group(1)), match.group(2), match.group(3)
+        if index not in blocks:
+            raise AdapterRejected(
+                f"{ADAPTER_WEIGHTS_FILE}: key {key} is in block {index}, outside the adapter blocks {sorted(blocks)}"
+            )
+        if module_path.rsplit(".", 1)[-1] not in targets:
+            raise AdapterRejected(f"{ADAPTER_WEIGHTS_FILE}: key {key} targets a module missing from target_modules")
+        try:
+            target = full.get_submodule(f"{spec.blocks}.{index}.{module_path}")
+        except AttributeError:
+            raise AdapterRejected(f"{ADAPTER_WEIGHTS_FILE}: key {key} names no module of the model") from None
+        weight = getattr(target, "weight", None)
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+            raise AdapterRejected(f"{ADAPTER_WEIGHTS_FILE}: key {key} names a module that is not a linear layer")
+        in_features, out_features = (
+            (weight.shape[0], weight.shape[1]) if is_conv1d(target) else (weight.shape[1], weight.shape[0])
+        )
+        expected = (rank, in_features) if half == "A" else (out_features, rank)
+        if tuple(tensor.shape) != expected:
+            raise AdapterRejected(
+                f"{ADAPTER_WEIGHTS_FILE}: tensor {key} has shape {list(tensor.shape)}, expected {list(expected)}"
+            )
+        modules.setdefault((index, module_path), set()).add(half)
+    incomplete = sorted(f"{i}.{m}" for (i, m), halves in modules.items() if halves != {"A", "B"})
+    if incomplete:
+        raise AdapterRejected(
+            f"{ADAPTER_WEIGHTS_FILE}: modules without both lora_A and lora_B: {', '.join(incomplete)}"
+        )
+    return [
+        Check("lora_config", True, f"r={rank}, blocks {sorted(set(layers))}"),
+        Check("keys_in_adapter_blocks", True, f"{len(modules)} LoRA modules"),
+        Check("shapes", True, "every lora_A/lora_B matches its target layer"),
+    ]
+
+
+def _check_full(tensors: dict[str, torch.Tensor], full: PreTrainedModel, blocks: set[int]) -> list[Check]:
+    spec = spec_for(full.config)
+    pattern = full_key_pattern(spec)
+    reference = full.state_dict()
+    for key, tensor in tensors.items():
+        match = pattern.match(key)
+        if match is None or key not in reference:
+            raise AdapterRejected(f"{ADAPTER_WEIGHTS_FILE}: key {key} is not a parameter of a transformer block")
+        if int(match.group(1)) not in blocks:
+            raise AdapterRejected(
+                f"{ADAPTER_WEIGHTS_FILE}: key {key} is in block {match.group(1)}, "
+                f"outside the adapter blocks {sorted(blocks)}"
+            )
+        if tensor.shape != reference[key].shape:
+            raise AdapterRejected(
+                f"{ADAPTER_WEIGHTS_FILE}: tensor {key} has shape {list(tensor.shape)}, "
+                f"expected {list(reference[key].shape)}"
+            )
+    return [
+        Check("keys_in_adapter_blocks", True, f"{len(tensors)} block parameters"),
+        Check("shapes", True, "every tensor matches the full model"),
+    ]
+
+
+def validate_adapter(
+    directory: Path, full: PreTrainedModel, emulator_manifest: dict[str, Any], base_fingerprint: str
+) -> ValidatedAdapter:
+    """Raises AdapterRejected with a precise message, or returns what was checked."""
+    manifest = _read_json(directory / MANIFEST_NAME)
+    method = manifest.get("method")
+    if method not in METHODS:
+        raise AdapterRejected(f"{MANIFEST_NAME}: method must be one of {', '.join(METHODS)}, got {method!r}")
+    if manifest.get("base_fingerprint") != base_fingerprint:
+        raise AdapterRejected(f"{MANIFEST_NAME}: trained for another base model (fingerprint mismatch)")
+    weights = directory / ADAPTER_WEIGHTS_FILE
+    if not weights.is_file():
+        raise AdapterRejected(f"the upload has no {ADAPTER_WEIGHTS_FILE}")
+    expected_files = {ADAPTER_WEIGHTS_FILE, MANIFEST_NAME} | ({ADAPTER_CONFIG_FILE} if method == LORA else set())
+    present = {p.name for p in directory.iterdir()}
+    if present != expected_files:
+        raise AdapterRejected(
+            f"a {method} adapter consists of {', '.join(sorted(expected_files))}; got {', '.join(sorted(present))}"
+        )
+
+    tensors = _load_tensors(weights)
+    if not tensors:
+        raise AdapterRejected(f"{ADAPTER_WEIGHTS_FILE} holds no tensors")
+    blocks = set(emulator_manifest["adapter_blocks"]["full"])
+    if method == LORA:
+        checks = _check_lora(tensors, _read_json(directory / ADAPTER_CONFIG_FILE), full, blocks)
+    else:
+        assert method == FULL
+        checks = _check_full(tensors, full, blocks)
+    for key, tensor in tensors.items():
+        if not torch.isfinite(tensor).all():
+            raise AdapterRejected(f"{ADAPTER_WEIGHTS_FILE}: tensor {key} has NaN or infinite values")
+    checks.append(Check("finite", True, "no NaN or Inf"))
+    checks.append(
+        Check(
+            "safetensors_only",
+            True,
+            f"{len(tensors)} tensors, dtypes {sorted({str(t.dtype) for t in tensors.values()})}",
+        )
+    )
+    return ValidatedAdapter(method, sum(t.numel() for t in tensors.values()), checks)

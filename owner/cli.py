@@ -1,0 +1,142 @@
+"""`offsite-owner`: the model owner's daemon and its local admin commands."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from ..common.architectures import UnsupportedArchitecture
+from ..common.cli_output import emit, fail, quiet_libraries
+from ..common.contract import DEFAULT_EMULATOR, DEFAULT_MODEL
+from ..common.examples import DataError, read_jsonl
+from ..common.model_loading import ModelNotFound, fingerprint, load_model
+from .emulator import EmulatorSpec, build_emulator
+from .emulator.layout import LayoutError
+from .server import BindRefused, start_server
+from .service import OwnerService
+from .store import Store
+
+SHUTDOWN_GRACE_SECONDS = 10.0
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    store = Store(Path(args.store))
+    removed = store.recover()
+    if removed:
+        print(f"recovered the store: removed {len(removed)} leftover(s) of interrupted writes", file=sys.stderr)
+    specs = [EmulatorSpec.parse(text) for text in (args.emulator or [DEFAULT_EMULATOR])]
+    owner_examples = read_jsonl(Path(args.eval_data)) if args.eval_data else None
+    print(f"loading {args.model} ...", file=sys.stderr)
+    loaded = load_model(args.model, cache_dir=store.models_dir)
+    service = OwnerService(loaded, store, specs, owner_examples)
+    if store.tenant_count() == 0:
+        print(
+            f"warning: no tenants yet; add one with: offsite-owner tenants add NAME --store {args.store}",
+            file=sys.stderr,
+        )
+    server, port = start_server(service, store, args.listen, insecure=args.insecure)
+    host = args.listen.rsplit(":", 1)[0]
+    emit(
+        {
+            "event": "ready",
+            "address": f"{host}:{port}",
+            "port": port,
+            "emulators": sorted(service.emulators),
+            "owner_public_key": service.public_key,
+        },
+        args.json,
+        f"serving {loaded.name} on {host}:{port}; emulators: {', '.join(sorted(service.emulators))}; "
+        f"owner key {service.public_key}",
+    )
+
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    stop.wait()
+    print("shutting down: draining in-flight calls", file=sys.stderr)
+    server.stop(SHUTDOWN_GRACE_SECONDS).wait()
+    store.close()
+
+
+def cmd_build_emulator(args: argparse.Namespace) -> None:
+    spec = EmulatorSpec.parse(f"{args.method}:{args.layout}")
+    store = Store(Path(args.store))
+    loaded = load_model(args.model, cache_dir=store.models_dir)
+    manifest = build_emulator(
+        loaded.model,
+        loaded.tokenizer,
+        spec,
+        Path(args.out),
+        store.signing_key(),
+        fingerprint(loaded.model),
+        loaded.name,
+    )
+    emit(
+        {
+            "ok": True,
+            "out": args.out,
+            "id": manifest["id"],
+            "block_map": manifest["block_map"],
+            "adapter_blocks": manifest["adapter_blocks"],
+            "parameters": manifest["parameters"],
+        },
+        args.json,
+        f"wrote emulator {manifest['id']} to {args.out}: blocks {manifest['block_map']}, "
+        f"{manifest['parameters']:,} parameters, adapter blocks {manifest['adapter_blocks']['full']}",
+    )
+
+
+def cmd_tenants_add(args: argparse.Namespace) -> None:
+    token = Store(Path(args.store)).add_tenant(args.name)
+    emit(
+        {"ok": True, "tenant": args.name, "token": token},
+        args.json,
+        f"tenant {args.name} added. Its token is shown only this once:\n{token}",
+    )
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="offsite-owner", description="Serve a model for offsite tuning.")
+    commands = root.add_subparsers(dest="command", required=True)
+
+    def add(name: str, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text)
+        sub.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+        return sub
+
+    serve = add("serve", "run the owner daemon")
+    serve.add_argument("--model", default=DEFAULT_MODEL, help="HF directory, .gguf file, hub id, or smollm2-135m")
+    serve.add_argument("--store", required=True, help="the owner's store directory")
+    serve.add_argument("--listen", default="127.0.0.1:50051", help="HOST:PORT (port 0 picks a free one)")
+    serve.add_argument("--emulator", action="append", help=f"METHOD:L-N-R, repeatable (default {DEFAULT_EMULATOR})")
+    serve.add_argument("--eval-data", help="the owner's own validation set (JSONL)")
+    serve.add_argument("--insecure", action="store_true", help="allow a non-loopback address without TLS")
+    serve.set_defaults(handler=cmd_serve)
+
+    build = add("build-emulator", "build a signed emulator bundle")
+    build.add_argument("--model", default=DEFAULT_MODEL)
+    build.add_argument("--method", default="uniform")
+    build.add_argument("--layout", required=True, help="L-N-R, e.g. 2-8-2")
+    build.add_argument("--out", required=True)
+    build.add_argument("--store", required=True, help="the store whose key signs the bundle")
+    build.set_defaults(handler=cmd_build_emulator)
+
+    tenants = commands.add_parser("tenants", help="manage tenants").add_subparsers(dest="action", required=True)
+    tenant_add = tenants.add_parser("add", help="add a tenant and print its token once")
+    tenant_add.add_argument("name")
+    tenant_add.add_argument("--store", required=True)
+    tenant_add.add_argument("--json", action="store_true")
+    tenant_add.set_defaults(handler=cmd_tenants_add)
+    return root
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    quiet_libraries()
+    try:
+        args.handler(args)
+    except (LayoutError, ModelNotFound, UnsupportedArchitecture, DataError, BindRefused, ValueError, OSError) as error:
+        fail(str(error), getattr(args, "json", False))

@@ -1,0 +1,60 @@
+"""Assembles the gRPC server: the ModelOwner service, standard health checking and reflection."""
+
+from __future__ import annotations
+
+import ipaddress
+from concurrent import futures
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from ..common.contract import MAX_MESSAGE_BYTES
+from ..common.rpc import pb, pb_grpc
+from .service import OwnerService
+from .servicer import OwnerServicer
+from .store import Store
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ModelOwner"].full_name
+WORKERS = 8
+
+
+class BindRefused(ValueError):
+    pass
+
+
+def is_loopback(listen: str) -> bool:
+    host = listen.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def start_server(service: OwnerService, store: Store, listen: str, insecure: bool = False) -> tuple[grpc.Server, int]:
+    """Starts serving on `listen` (HOST:PORT; port 0 picks a free one) and returns the server and port."""
+    if not is_loopback(listen) and not insecure:
+        raise BindRefused(
+            f"refusing to listen on {listen} without TLS: anyone on that network could read the traffic. "
+            "Bind a loopback address, or pass --insecure to accept the risk."
+        )
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=WORKERS),
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ],
+    )
+    pb_grpc.add_ModelOwnerServicer_to_server(OwnerServicer(service, store), server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in ("", SERVICE_NAME):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    port = server.add_insecure_port(listen)
+    if port == 0:
+        raise BindRefused(f"could not bind {listen}")
+    server.start()
+    return server, port

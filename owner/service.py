@@ -1,0 +1,347 @@
+"""The owner's core, free of gRPC: what each RPC does, given an authenticated tenant.
+
+The servicer parses requests, calls one method here, and maps `OwnerError.code` to a gRPC status.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import queue
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..common.architectures import depth
+from ..common.contract import (
+    ADAPTER_FILE_NAMES,
+    CHUNK_BYTES,
+    MANIFEST_NAME,
+    MAX_ADAPTER_BYTES,
+    MAX_ADAPTER_FILES,
+    MAX_CHUNK_BYTES,
+    MAX_EVAL_EXAMPLES,
+    MAX_NEW_TOKENS,
+)
+from ..common.examples import DataError, Example
+from ..common.manifest import BundleError, read_manifest, verify_bundle
+from ..common.model_loading import LoadedModel, fingerprint, tokenizer_sha256
+from ..common.scoring import EvaluationReport, evaluate
+from ..common.signing import canonical_json, public_key_hex
+from .adapters.plugin import plug
+from .adapters.validation import AdapterRejected, Check, validate_adapter
+from .emulator import EmulatorSpec, build_emulator
+from .generation import generate_stream
+from .store import Store, new_record
+
+log = logging.getLogger(__name__)
+PLUGGED_CACHE_SIZE = 2
+
+
+class OwnerError(Exception):
+    """An error the client caused or must know about; `code` names the gRPC status."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+def invalid(message: str) -> OwnerError:
+    return OwnerError("INVALID_ARGUMENT", message)
+
+
+@dataclass
+class Emulator:
+    spec: EmulatorSpec
+    directory: Path
+    manifest: dict[str, Any]
+
+    @property
+    def bytes(self) -> int:
+        return (
+            sum(int(f["size"]) for f in self.manifest["files"].values())
+            + (self.directory / MANIFEST_NAME).stat().st_size
+        )
+
+    @property
+    def files(self) -> list[str]:
+        return [MANIFEST_NAME, *sorted(self.manifest["files"])]
+
+
+@dataclass
+class PushResult:
+    adapter_id: str
+    method: str
+    bytes: int
+    parameters: int
+    checks: list[Check]
+    already_stored: bool
+
+
+@dataclass
+class Progress:
+    done: int
+    total: int
+
+
+class OwnerService:
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        store: Store,
+        emulators: Iterable[EmulatorSpec],
+        owner_examples: list[Example] | None = None,
+        eval_batch_size: int = 16,
+        max_adapter_bytes: int = MAX_ADAPTER_BYTES,
+    ):
+        self.loaded = loaded
+        self.store = store
+        self.key = store.signing_key()
+        self.public_key = public_key_hex(self.key)
+        self.fingerprint = fingerprint(loaded.model)
+        self.tokenizer_sha256 = tokenizer_sha256(loaded.tokenizer)
+        self.owner_examples = owner_examples or []
+        self.eval_batch_size = eval_batch_size
+        self.max_adapter_bytes = max_adapter_bytes
+        self.emulators = {spec.id: self._prepare_emulator(spec) for spec in emulators}
+        self._plugged: OrderedDict[str, torch.nn.Module] = OrderedDict()
+        self._plug_lock = threading.Lock()
+
+    def _prepare_emulator(self, spec: EmulatorSpec) -> Emulator:
+        """Reuses a stored bundle of this base model when it still verifies; builds it otherwise."""
+        directory = self.store.emulators_dir / self.fingerprint[:16] / spec.id
+        if directory.is_dir():
+            try:
+                return Emulator(spec, directory, verify_bundle(directory, self.public_key))
+            except BundleError as error:
+                log.warning("rebuilding emulator %s: %s", spec.id, error)
+        log.info("building emulator %s", spec.id)
+        manifest = build_emulator(
+            self.loaded.model, self.loaded.tokenizer, spec, directory, self.key, self.fingerprint, self.loaded.name
+        )
+        return Emulator(spec, directory, manifest)
+
+    # GetModelCard
+
+    def model_card(self) -> dict[str, Any]:
+        config = self.loaded.model.config
+        return {
+            "model_name": self.loaded.name,
+            "architecture": config.model_type,
+            "depth": depth(config),
+            "hidden_size": int(config.hidden_size),
+            "vocab_size": int(config.vocab_size),
+            "tokenizer_sha256": self.tokenizer_sha256,
+            "base_fingerprint": self.fingerprint,
+            "owner_public_key": self.public_key,
+            "max_adapter_bytes": self.max_adapter_bytes,
+            "chunk_bytes": CHUNK_BYTES,
+            "emulators": [
+                {
+                    "id": e.spec.id,
+                    "method": e.spec.method,
+                    "layout": str(e.spec.layout),
+                    "parameters": int(e.manifest["parameters"]),
+                    "bytes": e.bytes,
+                    "files": e.files,
+                }
+                for e in self.emulators.values()
+            ],
+        }
+
+    # PullArtifact
+
+    def artifact_chunks(self, artifact: str, name: str, offset: int) -> Iterator[tuple[int, bytes, int, str]]:
+        """(offset, data, file size, file sha256) for one file of an emulator, from `offset` on."""
+        emulator = self.emulators.get(artifact)
+        if emulator is None:
+            raise OwnerError("NOT_FOUND", f"no artifact {artifact!r}; offered: {', '.join(sorted(self.emulators))}")
+        if name not in emulator.files:
+            raise OwnerError("NOT_FOUND", f"artifact {artifact} has no file {name!r}")
+        path = emulator.directory / name
+        size = path.stat().st_size
+        if offset < 0 or offset > size:
+            raise OwnerError("OUT_OF_RANGE", f"offset {offset} is outside {name} (0..{size})")
+        digest = (
+            hashlib.sha256(path.read_bytes()).hexdigest()
+            if name == MANIFEST_NAME
+            else emulator.manifest["files"][name]["sha256"]
+        )
+        with path.open("rb") as handle:
+            handle.seek(offset)
+            position = offset
+            while True:
+                data = handle.read(CHUNK_BYTES)
+                if not data and position != offset:
+                    return
+                yield position, data, size, digest
+                position += len(data)
+                if not data:
+                    return
+
+    # PushAdapter
+
+    def push_adapter(
+        self, tenant: str, emulator_id: str, files: list[tuple[str, int, str]], chunks: Iterator[tuple[str, int, bytes]]
+    ) -> PushResult:
+        """Receives the declared files into staging, checks sizes and hashes, validates, stores atomically."""
+        emulator = self.emulators.get(emulator_id)
+        if emulator is None:
+            raise invalid(f"unknown emulator {emulator_id!r}; offered: {', '.join(sorted(self.emulators))}")
+        declared = self._check_declared_files(files)
+        with self.store.staging() as staged:
+            self._receive(staged, declared, chunks)
+            try:
+                validated = validate_adapter(staged, self.loaded.model, emulator.manifest, self.fingerprint)
+                manifest = read_manifest(staged)
+            except (AdapterRejected, BundleError) as error:
+                raise invalid(str(error)) from None
+            if manifest.get("emulator") != emulator_id:
+                raise invalid(f"{MANIFEST_NAME}: trained on {manifest.get('emulator')!r}, pushed for {emulator_id!r}")
+            adapter_id = hashlib.sha256(canonical_json({n: d[1] for n, d in declared.items()})).hexdigest()
+            size = sum(d[0] for d in declared.values())
+            record = new_record(tenant, adapter_id, validated.method, emulator_id, size, validated.parameters)
+            added = self.store.commit_adapter(tenant, staged, record)
+        return PushResult(adapter_id, validated.method, size, validated.parameters, validated.checks, not added)
+
+    def _check_declared_files(self, files: list[tuple[str, int, str]]) -> dict[str, tuple[int, str]]:
+        if not files:
+            raise invalid("the header lists no files")
+        if len(files) > MAX_ADAPTER_FILES:
+            raise invalid(f"the header lists {len(files)} files; at most {MAX_ADAPTER_FILES}")
+        declared: dict[str, tuple[int, str]] = {}
+        for name, size, digest in files:
+            if name not in ADAPTER_FILE_NAMES:
+                raise invalid(f"file name {name!r} is not allowed; allowed: {', '.join(sorted(ADAPTER_FILE_NAMES))}")
+            if name in declared:
+                raise invalid(f"file {name} is listed twice")
+            if size < 0:
+                raise invalid(f"file {name} has a negative size")
+            if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+                raise invalid(f"file {name}: sha256 must be 64 lowercase hex digits")
+            declared[name] = (size, digest)
+        total = sum(size for size, _ in declared.values())
+        if total > self.max_adapter_bytes:
+            raise invalid(f"adapter of {total} bytes exceeds the cap of {self.max_adapter_bytes} bytes")
+        return declared
+
+    @staticmethod
+    def _receive(staged: Path, declared: dict[str, tuple[int, str]], chunks: Iterator[tuple[str, int, bytes]]) -> None:
+        written = dict.fromkeys(declared, 0)
+        handles = {name: (staged / name).open("wb") for name in declared}
+        digests = {name: hashlib.sha256() for name in declared}
+        try:
+            for name, offset, data in chunks:
+                if name not in declared:
+                    raise invalid(f"chunk for undeclared file {name!r}")
+                if len(data) > MAX_CHUNK_BYTES:
+                    raise invalid(f"chunk of {len(data)} bytes exceeds {MAX_CHUNK_BYTES}")
+                if offset != written[name]:
+                    raise invalid(
+                        f"chunk of {name} at offset {offset}, expected {written[name]} (chunks must be in order)"
+                    )
+                if written[name] + len(data) > declared[name][0]:
+                    raise invalid(f"{name} is larger than its declared {declared[name][0]} bytes")
+                handles[name].write(data)
+                digests[name].update(data)
+                written[name] += len(data)
+        finally:
+            for handle in handles.values():
+                handle.close()
+        for name, (size, digest) in declared.items():
+            if written[name] != size:
+                raise invalid(f"{name}: received {written[name]} of {size} bytes (truncated stream)")
+            if digests[name].hexdigest() != digest:
+                raise invalid(f"{name}: sha256 of the received bytes does not match the header")
+
+    # Evaluate / Generate
+
+    def _model_for(self, tenant: str, adapter_id: str) -> torch.nn.Module:
+        if not adapter_id:
+            return self.loaded.model
+        record = self.store.get_adapter(tenant, adapter_id)
+        if record is None:
+            raise OwnerError("NOT_FOUND", f"no adapter {adapter_id}")
+        with self._plug_lock:
+            if adapter_id in self._plugged:
+                self._plugged.move_to_end(adapter_id)
+                return self._plugged[adapter_id]
+            model = plug(self.loaded.model, self.store.adapter_dir(adapter_id), record.method)
+            self._plugged[adapter_id] = model
+            while len(self._plugged) > PLUGGED_CACHE_SIZE:
+                self._plugged.popitem(last=False)
+            return model
+
+    def evaluate(
+        self, tenant: str, adapter_id: str, examples: list[Example], use_owner_data: bool, limit: int, batch_size: int
+    ) -> Iterator[Progress | EvaluationReport]:
+        if use_owner_data and examples:
+            raise invalid("send examples or ask for the owner's data, not both")
+        chosen = self.owner_examples if use_owner_data else examples
+        if use_owner_data and not chosen:
+            raise OwnerError("FAILED_PRECONDITION", "this owner has no validation set (serve --eval-data)")
+        if not chosen:
+            raise invalid("no examples to evaluate")
+        if limit < 0 or batch_size < 0:
+            raise invalid("limit and batch_size must not be negative")
+        chosen = chosen[:limit] if limit else chosen
+        if len(chosen) > MAX_EVAL_EXAMPLES:
+            raise invalid(f"{len(chosen)} examples; at most {MAX_EVAL_EXAMPLES} per request")
+        for index, example in enumerate(chosen):
+            try:
+                example.validate(f"example {index}")
+            except DataError as error:
+                raise invalid(str(error)) from None
+        model = self._model_for(tenant, adapter_id)
+        events: queue.Queue[Progress | EvaluationReport | BaseException] = queue.Queue()
+
+        def work() -> None:
+            try:
+                events.put(
+                    evaluate(
+                        model,
+                        self.loaded.tokenizer,
+                        chosen,
+                        batch_size or self.eval_batch_size,
+                        progress=lambda done, total: events.put(Progress(done, total)),
+                    )
+                )
+            except BaseException as error:  # handed to the streaming thread, which re-raises it
+                events.put(error)
+
+        threading.Thread(target=work, daemon=True).start()
+        while True:
+            event = events.get()
+            if isinstance(event, BaseException):
+                raise event
+            yield event
+            if isinstance(event, EvaluationReport):
+                return
+
+    def generate(
+        self, tenant: str, adapter_id: str, prompt: str, max_new_tokens: int, temperature: float, seed: int
+    ) -> Iterator[tuple[int, str]]:
+        if not prompt:
+            raise invalid("empty prompt")
+        if not 1 <= max_new_tokens <= MAX_NEW_TOKENS:
+            raise invalid(f"max_new_tokens must be in 1..{MAX_NEW_TOKENS}")
+        if not 0 <= temperature <= 10:
+            raise invalid("temperature must be in 0..10")
+        model = self._model_for(tenant, adapter_id)
+        return generate_stream(model, self.loaded.tokenizer, prompt, max_new_tokens, temperature, seed)
+
+    # ListAdapters / DeleteAdapter
+
+    def list_adapters(self, tenant: str) -> list[dict[str, Any]]:
+        return [r.__dict__ for r in self.store.list_adapters(tenant)]
+
+    def delete_adapter(self, tenant: str, adapter_id: str) -> None:
+        if not self.store.delete_adapter(tenant, adapter_id):
+            raise OwnerError("NOT_FOUND", f"no adapter {adapter_id}")
+        with self._plug_lock:
+            self._plugged.pop(adapter_id, None)

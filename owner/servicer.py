@@ -1,0 +1,170 @@
+"""gRPC edge of the owner: authenticate, parse, call one OwnerService method, map errors to status codes."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+import grpc
+
+from ..common.contract import TOKEN_METADATA_KEY, TOKEN_SCHEME
+from ..common.examples import Example
+from ..common.memory import peak_rss_bytes
+from ..common.rpc import pb, pb_grpc
+from ..common.scoring import EvaluationReport
+from .service import OwnerError, OwnerService, Progress
+from .store import Store
+
+log = logging.getLogger(__name__)
+Handler = TypeVar("Handler", bound=Callable[..., Any])
+
+
+def rpc(method: Handler) -> Handler:
+    """Authenticates the caller, passes its tenant name, and turns OwnerError into a gRPC status."""
+
+    @functools.wraps(method)
+    def wrapper(self: OwnerServicer, request: Any, context: grpc.ServicerContext) -> Any:
+        tenant = self.authenticate(context)
+        try:
+            result = method(self, tenant, request, context)
+            if isinstance(result, Iterator):
+                return _guard_stream(result, context)
+            return result
+        except OwnerError as error:
+            context.abort(getattr(grpc.StatusCode, error.code), str(error))
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _guard_stream(stream: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
+    try:
+        yield from stream
+    except OwnerError as error:
+        context.abort(getattr(grpc.StatusCode, error.code), str(error))
+
+
+def example_from_pb(message: pb.Example) -> Example:
+    return Example(message.prompt, message.completion, tuple(message.choices), message.text)
+
+
+def report_to_pb(report: EvaluationReport) -> pb.EvaluationReport:
+    return pb.EvaluationReport(
+        examples=report.examples,
+        tokens=report.tokens,
+        loss=report.loss,
+        perplexity=report.perplexity,
+        accuracy=report.accuracy,
+        scored_choices=report.scored_choices,
+        seconds=report.seconds,
+        peak_rss_bytes=peak_rss_bytes(),
+    )
+
+
+class OwnerServicer(pb_grpc.ModelOwnerServicer):
+    def __init__(self, service: OwnerService, store: Store):
+        self.service = service
+        self.store = store
+
+    def authenticate(self, context: grpc.ServicerContext) -> str:
+        metadata = dict(context.invocation_metadata())
+        header = metadata.get(TOKEN_METADATA_KEY, "")
+        tenant = self.store.authenticate(header[len(TOKEN_SCHEME) :]) if header.startswith(TOKEN_SCHEME) else None
+        if tenant is None:
+            context.abort(
+                grpc.StatusCode.UNAUTHENTICATED, "a valid tenant token is required (offsite-owner tenants add)"
+            )
+        return tenant
+
+    @rpc
+    def GetModelCard(self, tenant: str, request: pb.GetModelCardRequest, context: grpc.ServicerContext) -> pb.ModelCard:
+        card = self.service.model_card()
+        offers = [pb.EmulatorOffer(**offer) for offer in card.pop("emulators")]
+        return pb.ModelCard(emulators=offers, **card)
+
+    @rpc
+    def PullArtifact(
+        self, tenant: str, request: pb.PullArtifactRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.ArtifactChunk]:
+        for offset, data, size, digest in self.service.artifact_chunks(request.artifact, request.file, request.offset):
+            yield pb.ArtifactChunk(file=request.file, offset=offset, data=data, file_size=size, file_sha256=digest)
+
+    def PushAdapter(
+        self, request_iterator: Iterator[pb.PushAdapterRequest], context: grpc.ServicerContext
+    ) -> pb.PushAdapterResponse:
+        tenant = self.authenticate(context)
+        try:
+            first = next(request_iterator, None)
+            if first is None or first.WhichOneof("part") != "header":
+                raise OwnerError("INVALID_ARGUMENT", "the stream must start with a header")
+            header = first.header
+            files = [(f.name, f.size, f.sha256) for f in header.files]
+
+            def chunks() -> Iterator[tuple[str, int, bytes]]:
+                for message in request_iterator:
+                    if message.WhichOneof("part") != "chunk":
+                        raise OwnerError("INVALID_ARGUMENT", "only one header is allowed, at the start")
+                    yield message.chunk.file, message.chunk.offset, message.chunk.data
+
+            result = self.service.push_adapter(tenant, header.emulator, files, chunks())
+        except OwnerError as error:
+            context.abort(getattr(grpc.StatusCode, error.code), str(error))
+        return pb.PushAdapterResponse(
+            adapter_id=result.adapter_id,
+            method=result.method,
+            bytes=result.bytes,
+            parameters=result.parameters,
+            checks=[pb.ValidationCheck(name=c.name, passed=c.passed, detail=c.detail) for c in result.checks],
+            already_stored=result.already_stored,
+        )
+
+    @rpc
+    def Evaluate(
+        self, tenant: str, request: pb.EvaluateRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.EvaluateEvent]:
+        examples = [example_from_pb(e) for e in request.examples]
+        for event in self.service.evaluate(
+            tenant, request.adapter_id, examples, request.use_owner_data, request.limit, request.batch_size
+        ):
+            if isinstance(event, Progress):
+                yield pb.EvaluateEvent(progress=pb.Progress(done=event.done, total=event.total))
+            else:
+                yield pb.EvaluateEvent(report=report_to_pb(event))
+
+    @rpc
+    def Generate(
+        self, tenant: str, request: pb.GenerateRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.GenerateEvent]:
+        temperature = request.temperature if math.isfinite(request.temperature) else -1.0
+        for token, text in self.service.generate(
+            tenant, request.adapter_id, request.prompt, request.max_new_tokens, temperature, request.seed
+        ):
+            yield pb.GenerateEvent(text=text, token_id=token)
+        yield pb.GenerateEvent(done=True)
+
+    @rpc
+    def ListAdapters(
+        self, tenant: str, request: pb.ListAdaptersRequest, context: grpc.ServicerContext
+    ) -> pb.ListAdaptersResponse:
+        return pb.ListAdaptersResponse(
+            adapters=[
+                pb.AdapterInfo(
+                    adapter_id=a["id"],
+                    method=a["method"],
+                    emulator=a["emulator"],
+                    bytes=a["bytes"],
+                    parameters=a["parameters"],
+                    created=a["created"],
+                )
+                for a in self.service.list_adapters(tenant)
+            ]
+        )
+
+    @rpc
+    def DeleteAdapter(
+        self, tenant: str, request: pb.DeleteAdapterRequest, context: grpc.ServicerContext
+    ) -> pb.DeleteAdapterResponse:
+        self.service.delete_adapter(tenant, request.adapter_id)
+        return pb.DeleteAdapterResponse(deleted=True)
