@@ -49,6 +49,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         limit=args.limit,
         lora_rank=args.lora_rank,
         seed=args.seed,
+        train_blocks=args.train_blocks,
     )
     examples = read_jsonl(Path(args.data), args.limit)
     result = train_adapter(Path(args.emulator), examples, config, Path(args.out), args.owner_key)
@@ -195,6 +196,9 @@ def parser() -> argparse.ArgumentParser:
     train.add_argument("--limit", type=int)
     train.add_argument("--lora-rank", type=int, default=8)
     train.add_argument("--seed", type=int, default=0)
+    train.add_argument(
+        "--train-blocks", choices=["all", "top", "bottom"], default="all", help="which adapter blocks learn"
+    )
     train.add_argument("--owner-key", help="pinned owner key the emulator must be signed by")
     train.set_defaults(handler=cmd_train)
 
@@ -235,6 +239,7 @@ def parser() -> argparse.ArgumentParser:
     demo.add_argument("--method", choices=["lora", "full"], default="lora")
     demo.add_argument("--epochs", type=float, default=1.0)
     demo.add_argument("--lr", type=float)
+    demo.add_argument("--train-blocks", choices=["all", "top", "bottom"], default="all")
     demo.add_argument("--workdir", help="keep the store, bundles and results here (default: a temp dir)")
     demo.set_defaults(handler=cmd_demo)
     return root

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 import grpc
 
@@ -11,6 +12,7 @@ from ..common.contract import MAX_MESSAGE_BYTES, TOKEN_METADATA_KEY, TOKEN_SCHEM
 from ..common.rpc import pb, pb_grpc
 
 TOKEN_ENVIRONMENT = "OFFSITE_TOKEN"
+Response = TypeVar("Response")
 
 
 class RemoteError(RuntimeError):
@@ -46,44 +48,37 @@ class Remote:
     def __exit__(self, *_: object) -> None:
         self.close()
 
-    def model_card(self) -> pb.ModelCard:
+    def _unary(self, method: Callable[..., Response], request: object) -> Response:
         try:
-            return self.stub.GetModelCard(pb.GetModelCardRequest(), metadata=self.metadata, timeout=self.timeout)
+            return method(request, metadata=self.metadata, timeout=self.timeout)
         except grpc.RpcError as error:
             raise RemoteError(error) from None
 
+    def _stream(self, method: Callable[..., Iterator[Response]], request: object) -> Iterator[Response]:
+        try:
+            yield from method(request, metadata=self.metadata, timeout=self.timeout)
+        except grpc.RpcError as error:
+            raise RemoteError(error) from None
+
+    def model_card(self) -> pb.ModelCard:
+        return self._unary(self.stub.GetModelCard, pb.GetModelCardRequest())
+
     def pull(self, artifact: str, name: str, offset: int) -> Iterator[pb.ArtifactChunk]:
+        """Raw chunks; the caller handles grpc.RpcError itself, to resume transient failures."""
         request = pb.PullArtifactRequest(artifact=artifact, file=name, offset=offset)
         return self.stub.PullArtifact(request, metadata=self.metadata, timeout=self.timeout)
 
     def push(self, messages: Iterator[pb.PushAdapterRequest]) -> pb.PushAdapterResponse:
-        try:
-            return self.stub.PushAdapter(messages, metadata=self.metadata, timeout=self.timeout)
-        except grpc.RpcError as error:
-            raise RemoteError(error) from None
+        return self._unary(self.stub.PushAdapter, messages)
 
     def evaluate(self, request: pb.EvaluateRequest) -> Iterator[pb.EvaluateEvent]:
-        try:
-            yield from self.stub.Evaluate(request, metadata=self.metadata, timeout=self.timeout)
-        except grpc.RpcError as error:
-            raise RemoteError(error) from None
+        return self._stream(self.stub.Evaluate, request)
 
     def generate(self, request: pb.GenerateRequest) -> Iterator[pb.GenerateEvent]:
-        try:
-            yield from self.stub.Generate(request, metadata=self.metadata, timeout=self.timeout)
-        except grpc.RpcError as error:
-            raise RemoteError(error) from None
+        return self._stream(self.stub.Generate, request)
 
     def list_adapters(self) -> pb.ListAdaptersResponse:
-        try:
-            return self.stub.ListAdapters(pb.ListAdaptersRequest(), metadata=self.metadata, timeout=self.timeout)
-        except grpc.RpcError as error:
-            raise RemoteError(error) from None
+        return self._unary(self.stub.ListAdapters, pb.ListAdaptersRequest())
 
     def delete_adapter(self, adapter_id: str) -> pb.DeleteAdapterResponse:
-        try:
-            return self.stub.DeleteAdapter(
-                pb.DeleteAdapterRequest(adapter_id=adapter_id), metadata=self.metadata, timeout=self.timeout
-            )
-        except grpc.RpcError as error:
-            raise RemoteError(error) from None
+        return self._unary(self.stub.DeleteAdapter, pb.DeleteAdapterRequest(adapter_id=adapter_id))

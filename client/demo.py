@@ -142,6 +142,8 @@ def run_demo(args: argparse.Namespace) -> None:
             str(args.train_limit),
             "--epochs",
             str(args.epochs),
+            "--train-blocks",
+            args.train_blocks,
             *key,
         ]
         training = run_json(train + (["--lr", str(args.lr)] if args.lr else []), env)

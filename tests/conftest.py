@@ -18,6 +18,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 import tiny_models  # noqa: E402
+
 from offsite.client.connection import Remote  # noqa: E402
 from offsite.common.examples import Example  # noqa: E402
 from offsite.common.model_loading import load_model  # noqa: E402

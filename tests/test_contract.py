@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from offsite.common.examples import DataError, read_jsonl
 from offsite.common.rpc import codegen
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 from conftest import cli, sentiment_examples, write_jsonl
+
 from offsite.common.examples import read_jsonl
 from offsite.common.model_loading import load_model
 from offsite.common.scoring import evaluate

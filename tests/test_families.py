@@ -7,6 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import TINY_LAYOUT, sentiment_examples
+from peft import PeftModel
+from tiny_models import FAMILIES
+from transformers import AutoModelForCausalLM
+
 from offsite.client.local_model import load_emulator, plug_into_emulator
 from offsite.client.training import train_adapter
 from offsite.client.training.config import TrainConfig
@@ -17,9 +21,6 @@ from offsite.common.signing import load_or_create_private_key
 from offsite.owner.adapters.plugin import plug
 from offsite.owner.adapters.validation import validate_adapter
 from offsite.owner.emulator import EmulatorSpec, build_emulator
-from peft import PeftModel
-from tiny_models import FAMILIES
-from transformers import AutoModelForCausalLM
 
 assert set(FAMILIES) == set(ARCHITECTURES)
 
@@ -46,7 +47,10 @@ def test_emulator_training_and_plug_in(family: str, tiny_model_dir, tmp_path: Pa
     examples = sentiment_examples(16)
     for method in ("lora", "full"):
         out = tmp_path / f"adapter-{method}"
-        config = TrainConfig(method=method, epochs=2, batch_size=8, learning_rate=1e-2 if method == "lora" else 1e-3)
+        config = TrainConfig(
+            method=method, epochs=2, batch_size=8, learning_rate=1e-2 if method == "lora" else 1e-3,
+            train_blocks="top" if method == "full" else "all",
+        )
         result = train_adapter(tmp_path / "emulator", examples, config, out, show_progress=False)
         assert result.steps == 4 and result.parameters > 0
 

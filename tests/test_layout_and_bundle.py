@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from offsite.common.manifest import BundleError, verify_bundle, write_manifest
 from offsite.common.signing import load_or_create_private_key, public_key_hex
 from offsite.owner.emulator import EmulatorSpec
@@ -93,3 +94,14 @@ def test_unlisted_file_is_refused(tmp_path: Path) -> None:
     (bundle / "modeling_evil.py").write_text("import os")
     with pytest.raises(BundleError, match="modeling_evil.py: not listed"):
         verify_bundle(bundle, key)
+
+
+def test_train_block_subsets() -> None:
+    from offsite.client.training import chosen_blocks
+
+    manifest = {"base_depth": 30, "adapter_blocks": {"emulator": [0, 1, 10, 11], "full": [0, 1, 28, 29]}}
+    assert chosen_blocks(manifest, "all") == {0: 0, 1: 1, 10: 28, 11: 29}
+    assert chosen_blocks(manifest, "top") == {10: 28, 11: 29}
+    assert chosen_blocks(manifest, "bottom") == {0: 0, 1: 1}
+    with pytest.raises(ValueError, match="must be one of"):
+        chosen_blocks(manifest, "middle")

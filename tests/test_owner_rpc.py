@@ -13,6 +13,8 @@ import torch
 from conftest import InProcessOwner, sentiment_examples
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from safetensors.torch import load, save
+
 from offsite.client.connection import RemoteError
 from offsite.client.evaluation import evaluate_remote
 from offsite.client.pull import pull_emulator
@@ -22,7 +24,6 @@ from offsite.client.training.config import TrainConfig
 from offsite.common.rpc import pb
 from offsite.common.scoring import evaluate
 from offsite.owner.adapters.plugin import plug
-from safetensors.torch import load, save
 
 EMULATOR = "uniform-1-2-1"
 

@@ -16,7 +16,7 @@ from ...common.examples import Example, tokenize_for_training
 from ...common.manifest import verify_bundle, write_manifest
 from ...common.model_loading import ensure_pad_token
 from . import full, lora
-from .config import TrainConfig
+from .config import TRAIN_BLOCKS, TrainConfig
 from .loop import fit
 
 
@@ -34,6 +34,19 @@ class TrainResult:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def chosen_blocks(manifest: dict[str, Any], which: str) -> dict[int, int]:
+    """Emulator → full index of the adapter blocks that learn; top/bottom split at the full model's middle."""
+    if which not in TRAIN_BLOCKS:
+        raise ValueError(f"train blocks must be one of {', '.join(TRAIN_BLOCKS)}, not {which!r}")
+    blocks = manifest["adapter_blocks"]
+    middle = manifest["base_depth"] / 2
+    pairs = zip(blocks["emulator"], blocks["full"], strict=True)
+    chosen = {e: f for e, f in pairs if which == "all" or (f >= middle) == (which == "top")}
+    if not chosen:
+        raise ValueError(f"this emulator has no {which} adapter blocks")
+    return chosen
 
 
 def train_adapter(

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from ...common.adapter_format import LORA
 
 DEFAULT_LEARNING_RATE = {"lora": 5e-4, "full": 3e-5}
+TRAIN_BLOCKS = ("all", "top", "bottom")
 
 
 @dataclass
@@ -22,6 +23,7 @@ class TrainConfig:
     lora_dropout: float = 0.05
     warmup_fraction: float = 0.06
     seed: int = 0
+    train_blocks: str = "all"  # all, top or bottom: which of the emulator's adapter blocks learn
 
     @property
     def lr(self) -> float:
