@@ -8,12 +8,14 @@ import pytest
 import torch
 from conftest import TINY_LAYOUT, sentiment_examples
 from peft import PeftModel
+from safetensors.torch import load_file
 from tiny_models import FAMILIES
 from transformers import AutoModelForCausalLM
 
 from offsite.client.local_model import load_emulator, plug_into_emulator
 from offsite.client.training import train_adapter
 from offsite.client.training.config import TrainConfig
+from offsite.common.adapter_format import full_key_pattern, lora_key_pattern
 from offsite.common.architectures import ARCHITECTURES, blocks, depth
 from offsite.common.model_loading import fingerprint, load_model
 from offsite.common.scoring import evaluate
@@ -48,11 +50,17 @@ def test_emulator_training_and_plug_in(family: str, tiny_model_dir, tmp_path: Pa
     for method in ("lora", "full"):
         out = tmp_path / f"adapter-{method}"
         config = TrainConfig(
-            method=method, epochs=2, batch_size=8, learning_rate=1e-2 if method == "lora" else 1e-3,
+            method=method,
+            epochs=2,
+            batch_size=8,
+            learning_rate=1e-2 if method == "lora" else 1e-3,
             train_blocks="top" if method == "full" else "all",
         )
         result = train_adapter(tmp_path / "emulator", examples, config, out, show_progress=False)
         assert result.steps == 4 and result.parameters > 0
+        pattern = (full_key_pattern if method == "full" else lora_key_pattern)(ARCHITECTURES[family])
+        trained_blocks = {int(pattern.match(k).group(1)) for k in load_file(out / "adapter_model.safetensors")}
+        assert trained_blocks == ({5} if method == "full" else {0, 5})  # full trains the top block only
 
         checked = validate_adapter(out, full, manifest, base)
         assert checked.method == method

@@ -65,8 +65,8 @@ def train_adapter(
     emulator = AutoModelForCausalLM.from_pretrained(emulator_dir, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(emulator_dir)
     spec = spec_for(emulator.config)
-    emulator_blocks = manifest["adapter_blocks"]["emulator"]
-    mapping = dict(zip(emulator_blocks, manifest["adapter_blocks"]["full"], strict=False))
+    mapping = chosen_blocks(manifest, config.train_blocks)
+    emulator_blocks = sorted(mapping)
 
     model = (
         lora.attach(emulator, spec, emulator_blocks, config)
