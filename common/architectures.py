@@ -56,7 +56,7 @@ _PER_BLOCK_CONFIG_FIELDS = ("layer_types", "attention_layers")
 
 
 class UnsupportedArchitecture(ValueError):
-    pass
+    """The model's family is not in the architecture table."""
 
 
 def spec_for(config: PretrainedConfig) -> ArchitectureSpec:

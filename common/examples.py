@@ -15,7 +15,7 @@ IGNORE = -100  # label of positions that carry no loss
 
 
 class DataError(ValueError):
-    pass
+    """A data file or example that does not follow the JSONL format; the message names the line."""
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 
 class ModelNotFound(ValueError):
-    pass
+    """MODEL names nothing that can be loaded here."""
 
 
 @dataclass

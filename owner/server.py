@@ -20,7 +20,7 @@ WORKERS = 8
 
 
 class BindRefused(ValueError):
-    pass
+    """The daemon will not listen on that address as asked."""
 
 
 def is_loopback(listen: str) -> bool:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 
 class LayoutError(ValueError):
-    pass
+    """A layout or emulator spec that does not fit the model."""
 
 
 @dataclass(frozen=True)
