@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..common.cli_output import emit, fail, quiet_libraries
+from ..common.contract import DEFAULT_EMULATOR
 from ..common.examples import DataError, read_jsonl
 from ..common.manifest import BundleError
 from ..common.memory import peak_rss_bytes
@@ -235,7 +236,9 @@ def parser() -> argparse.ArgumentParser:
     demo.add_argument("--eval-data", help="JSONL (default: the committed SST-2 dev sample)")
     demo.add_argument("--train-limit", type=int, default=400)
     demo.add_argument("--eval-limit", type=int, default=200)
-    demo.add_argument("--layout", default="2-8-2")
+    demo.add_argument(
+        "--emulator", default=DEFAULT_EMULATOR, help="METHOD:L-N-R[,key=value...], e.g. distill:2-8-2,steps=100"
+    )
     demo.add_argument("--method", choices=["lora", "full"], default="lora")
     demo.add_argument("--epochs", type=float, default=1.0)
     demo.add_argument("--lr", type=float)

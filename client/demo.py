@@ -21,7 +21,7 @@ from ..common.contract import DEFAULT_MODEL
 from ..owner.store import Store
 
 MiB = 1024 * 1024
-READY_TIMEOUT_SECONDS = 600
+READY_TIMEOUT_SECONDS = 1800  # a distilled emulator is built before the daemon is ready
 
 
 def sample_path(name: str) -> Path:
@@ -38,7 +38,7 @@ def run_json(command: list[str], env: dict[str, str]) -> dict[str, Any]:
     return result
 
 
-def start_owner(model: str, store: Path, layout: str, log: Path, env: dict[str, str]) -> tuple[subprocess.Popen, str]:
+def start_owner(model: str, store: Path, emulator: str, log: Path, env: dict[str, str]) -> tuple[subprocess.Popen, str]:
     command = [
         sys.executable,
         "-m",
@@ -51,7 +51,7 @@ def start_owner(model: str, store: Path, layout: str, log: Path, env: dict[str, 
         "--listen",
         "127.0.0.1:0",
         "--emulator",
-        f"uniform:{layout}",
+        emulator,
         "--json",
     ]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log.open("w"), text=True, env=env)
@@ -114,7 +114,9 @@ def run_demo(args: argparse.Namespace) -> None:
 
     say(f"[demo] work directory: {workdir}")
     say(f"[demo] starting the owner daemon on {args.model or DEFAULT_MODEL} (first start converts the GGUF) ...")
-    owner, address = start_owner(args.model, store, args.layout, workdir / "owner.log", env)
+    if not args.emulator.startswith("uniform:"):
+        say(f"[demo] building {args.emulator} takes minutes on CPU; its progress is in {workdir / 'owner.log'}")
+    owner, address = start_owner(args.model, store, args.emulator, workdir / "owner.log", env)
     try:
         emulator_dir, adapter_dir = workdir / "emulator", workdir / "adapter"
         say(f"[demo] owner ready on {address}; pulling the signed emulator")
@@ -192,7 +194,7 @@ def run_demo(args: argparse.Namespace) -> None:
 
     rows = [
         _row("full model, zero-shot (owner)", full_zero, None),
-        _row(f"emulator uniform {args.layout}, zero-shot (local)", emulator_zero, None),
+        _row(f"emulator {args.emulator}, zero-shot (local)", emulator_zero, None),
         _row(f"emulator + {args.method} adapter (local)", emulator_adapter, training),
         _row(f"plug-in: full model + {args.method} adapter (owner)", plugged, training),
     ]
@@ -200,7 +202,7 @@ def run_demo(args: argparse.Namespace) -> None:
     results = {
         "ok": True,
         "model": args.model,
-        "layout": args.layout,
+        "emulator": args.emulator,
         "method": args.method,
         "train_examples": training["examples"],
         "eval_examples": rows[0]["examples"],

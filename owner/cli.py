@@ -13,7 +13,7 @@ from ..common.cli_output import emit, fail, quiet_libraries
 from ..common.contract import DEFAULT_EMULATOR, DEFAULT_MODEL
 from ..common.examples import DataError, read_jsonl
 from ..common.model_loading import ModelNotFound, fingerprint, load_model
-from .emulator import EmulatorSpec, build_emulator
+from .emulator import BUILDERS, EmulatorSpec, build_emulator
 from .emulator.layout import LayoutError
 from .server import BindRefused, start_server
 from .service import OwnerService
@@ -62,7 +62,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 
 def cmd_build_emulator(args: argparse.Namespace) -> None:
-    spec = EmulatorSpec.parse(f"{args.method}:{args.layout}")
+    options = "".join(f",{key}={value}" for key, value in (("steps", args.steps), ("data", args.data)) if value)
+    spec = EmulatorSpec.parse(f"{args.method}:{args.layout}{options}")
     store = Store(Path(args.store))
     loaded = load_model(args.model, cache_dir=store.models_dir)
     manifest = build_emulator(
@@ -111,15 +112,21 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--model", default=DEFAULT_MODEL, help="HF directory, .gguf file, hub id, or smollm2-135m")
     serve.add_argument("--store", required=True, help="the owner's store directory")
     serve.add_argument("--listen", default="127.0.0.1:50051", help="HOST:PORT (port 0 picks a free one)")
-    serve.add_argument("--emulator", action="append", help=f"METHOD:L-N-R, repeatable (default {DEFAULT_EMULATOR})")
+    serve.add_argument(
+        "--emulator",
+        action="append",
+        help=f"METHOD:L-N-R[,key=value...], e.g. distill:2-8-2,steps=100; repeatable (default {DEFAULT_EMULATOR})",
+    )
     serve.add_argument("--eval-data", help="the owner's own validation set (JSONL)")
     serve.add_argument("--insecure", action="store_true", help="allow a non-loopback address without TLS")
     serve.set_defaults(handler=cmd_serve)
 
     build = add("build-emulator", "build a signed emulator bundle")
     build.add_argument("--model", default=DEFAULT_MODEL)
-    build.add_argument("--method", default="uniform")
+    build.add_argument("--method", default="uniform", choices=sorted(BUILDERS))
     build.add_argument("--layout", required=True, help="L-N-R, e.g. 2-8-2")
+    build.add_argument("--steps", type=int, help="distill: training steps (default 200)")
+    build.add_argument("--data", help="distill: the owner's public text file (default: shipped WikiText-2 valid)")
     build.add_argument("--out", required=True)
     build.add_argument("--store", required=True, help="the store whose key signs the bundle")
     build.set_defaults(handler=cmd_build_emulator)

@@ -1,8 +1,9 @@
-"""Emulator builders behind one interface: each picks (or makes) the blocks that stand in for the middle."""
+"""Emulator builders behind one interface (`interface.Builder`): one module per method, one bundle format."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import hashlib
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -11,33 +12,49 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ...common.architectures import depth
-from . import uniform
-from .bundle import materialize, write_bundle
+from ...common.signing import canonical_json
+from . import crash, distill, uniform
+from .bundle import write_bundle
+from .interface import Builder, BuildRequest, parse_options
 from .layout import Layout, LayoutError
 
-BlockSelector = Callable[[PreTrainedModel, Layout], list[int]]
-
-BUILDERS: dict[str, BlockSelector] = {"uniform": uniform.select_blocks}
+BUILDERS: dict[str, Builder] = {"uniform": uniform, "distill": distill, "crash": crash}
 
 
 @dataclass(frozen=True)
 class EmulatorSpec:
     method: str
     layout: Layout
+    options: tuple[tuple[str, str], ...] = ()
 
     @classmethod
     def parse(cls, text: str) -> EmulatorSpec:
-        """`METHOD:L-N-R`, e.g. `uniform:2-8-2`."""
-        method, sep, layout = text.partition(":")
+        """`METHOD:L-N-R[,key=value...]`, e.g. `uniform:2-8-2` or `distill:2-8-2,steps=100`."""
+        method, sep, rest = text.partition(":")
         if not sep:
             raise LayoutError(f"emulator {text!r} is not of the form METHOD:L-N-R, e.g. uniform:2-8-2")
         if method not in BUILDERS:
             raise LayoutError(f"unknown emulator method {method!r}; available: {', '.join(sorted(BUILDERS))}")
-        return cls(method, Layout.parse(layout))
+        layout, *pairs = rest.split(",")
+        options: dict[str, str] = {}
+        for pair in pairs:
+            key, eq, value = pair.partition("=")
+            if not eq or not key:
+                raise LayoutError(f"emulator option {pair!r} is not of the form key=value")
+            options[key.strip()] = value.strip()
+        spec = cls(method, Layout.parse(layout), tuple(sorted(options.items())))
+        spec.parsed_options()  # fail now, not after loading the model
+        return spec
+
+    def parsed_options(self) -> dict[str, Any]:
+        return parse_options(self.method, BUILDERS[self.method].OPTIONS, dict(self.options))
 
     @property
     def id(self) -> str:
-        return f"{self.method}-{self.layout}"
+        base = f"{self.method}-{self.layout}"
+        if not self.options:
+            return base
+        return f"{base}-{hashlib.sha256(canonical_json(dict(self.options))).hexdigest()[:8]}"
 
 
 def build_emulator(
@@ -48,23 +65,31 @@ def build_emulator(
     key: Ed25519PrivateKey,
     base_fingerprint: str,
     model_name: str,
+    show_progress: bool = True,
 ) -> dict[str, Any]:
-    """Builds the emulator `spec` of `full` into `out` and returns its signed manifest."""
-    block_map = BUILDERS[spec.method](full, spec.layout)
+    """Builds the emulator `spec` of `full` into `out` and returns its signed manifest.
+
+    Long builds keep resumable state in `out`'s sibling `<name>.work`, removed once the bundle is written.
+    """
     total = depth(full.config)
-    emulator = materialize(full, block_map)
+    spec.layout.check(total)
+    work_dir = out.with_name(out.name + ".work")
+    request = BuildRequest(full, tokenizer, spec.layout, spec.parsed_options(), work_dir, show_progress)
+    built = BUILDERS[spec.method].build(request)
     body = {
         "id": spec.id,
         "method": spec.method,
-        "params": {"layout": str(spec.layout)},
+        "params": {"layout": str(spec.layout), **built.params},
         "base_model": model_name,
         "base_fingerprint": base_fingerprint,
         "base_depth": total,
         "architecture": full.config.model_type,
-        "block_map": block_map,
+        "block_map": built.block_map,
         "adapter_blocks": {
-            "emulator": spec.layout.emulator_adapter_blocks(),
+            "emulator": spec.layout.emulator_adapter_blocks(len(built.block_map)),
             "full": spec.layout.adapter_blocks(total),
         },
     }
-    return write_bundle(emulator, tokenizer, out, key, body)
+    manifest = write_bundle(built.model, tokenizer, out, key, body)
+    shutil.rmtree(work_dir, ignore_errors=True)
+    return manifest

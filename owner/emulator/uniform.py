@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from transformers import PreTrainedModel
 
 from ...common.architectures import depth
+from .bundle import materialize
+from .interface import BuildRequest, Built
 from .layout import Layout
+
+OPTIONS: Mapping[str, Callable[[str], Any]] = {}
 
 
 def spaced_indices(count: int, keep: int) -> list[int]:
@@ -22,3 +28,8 @@ def select_blocks(model: PreTrainedModel, layout: Layout) -> list[int]:
     layout.check(total)
     middle = [layout.bottom + i for i in spaced_indices(total - layout.bottom - layout.top, layout.middle)]
     return layout.compose(total, middle)
+
+
+def build(request: BuildRequest) -> Built:
+    block_map = select_blocks(request.full, request.layout)
+    return Built(materialize(request.full, block_map), block_map)

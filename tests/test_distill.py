@@ -1,0 +1,174 @@
+"""The distilled emulator: it lowers the NMSE on its data, trains only the middle, resumes, and bundles."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY_LAYOUT
+from transformers import AutoModelForCausalLM
+
+from offsite.common.architectures import block_prefix, blocks, spec_for
+from offsite.common.model_loading import fingerprint, load_model
+from offsite.common.signing import load_or_create_private_key
+from offsite.owner.emulator import EmulatorSpec, build_emulator, distill, uniform
+from offsite.owner.emulator.bundle import materialize
+from offsite.owner.emulator.distill import DistillConfig, distill_middle, middle_output_index, nmse
+from offsite.owner.emulator.layout import Layout, LayoutError
+from offsite.owner.emulator.public_text import PublicTextError, TextChunks, load_chunks
+
+LAYOUT = Layout.parse(TINY_LAYOUT)
+CONFIG = DistillConfig(steps=12, batch_size=4, seq_len=16, lr=3e-3, warmup_steps=2, eval_every=4)
+
+
+@pytest.fixture()
+def public_text(tmp_path: Path) -> Path:
+    path = tmp_path / "public.txt"
+    sentences = [
+        "the river runs past the old mill and into the sea",
+        "a small town sits at the foot of the green hills",
+        "in winter the roads are closed and the market is quiet",
+        "the museum keeps maps, coins and letters from the war",
+    ]
+    path.write_text(" ".join(sentences * 12))
+    return path
+
+
+def _middle_nmse(full, emulator, chunks: torch.Tensor) -> float:
+    teacher_index, student_index = middle_output_index(LAYOUT, len(blocks(full)))
+    with torch.no_grad():
+        target = full.base_model(input_ids=chunks, output_hidden_states=True).hidden_states[teacher_index]
+        student = emulator(input_ids=chunks, output_hidden_states=True).hidden_states[student_index]
+    return float(nmse(target, student))
+
+
+def _pretrain(model: torch.nn.Module, chunks: torch.Tensor, steps: int = 60) -> None:
+    """A random teacher has nothing to teach: fit the tiny full model to the text first."""
+    torch.manual_seed(0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model.train()
+    for step in range(steps):
+        batch = chunks[(step * 4) % len(chunks) :][:4]
+        model(input_ids=batch, labels=batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+
+
+def _setup(tiny_model_dir, public_text: Path):
+    loaded = load_model(str(tiny_model_dir("llama")))
+    text = load_chunks(loaded.tokenizer, public_text, CONFIG.seq_len, heldout_fraction=0.2)
+    _pretrain(loaded.model, text.train)
+    block_map = uniform.select_blocks(loaded.model, LAYOUT)
+    return loaded, block_map, text
+
+
+def test_nmse_is_zero_for_a_perfect_student_and_scale_free() -> None:
+    teacher = torch.randn(2, 5, 8)
+    assert float(nmse(teacher, teacher)) == 0.0
+    assert float(nmse(teacher, torch.zeros_like(teacher))) == pytest.approx(1.0, rel=1e-5)
+    assert float(nmse(10 * teacher, 10 * teacher + 10)) == pytest.approx(float(nmse(teacher, teacher + 1)), rel=1e-4)
+
+
+def test_distillation_lowers_nmse_and_trains_only_the_middle(tiny_model_dir, public_text: Path, tmp_path: Path) -> None:
+    # Llama: on tiny GPT-2 the dropped blocks hardly matter, so there is nothing for perplexity to select.
+    loaded, block_map, text = _setup(tiny_model_dir, public_text)
+    emulator = materialize(loaded.model, block_map)
+    before_state = {k: v.clone() for k, v in emulator.state_dict().items()}
+    before = _middle_nmse(loaded.model, emulator, text.train)
+
+    report = distill_middle(loaded.model, emulator, LAYOUT, text, CONFIG, tmp_path / "work", show_progress=False)
+
+    after = _middle_nmse(loaded.model, emulator, text.train)
+    assert after < 0.9 * before, f"NMSE {before:.4f} -> {after:.4f}"
+    assert report.best_heldout_perplexity <= report.start_heldout_perplexity
+    spec = spec_for(emulator.config)
+    middle = tuple(block_prefix(spec, i) for i in range(LAYOUT.bottom, LAYOUT.bottom + LAYOUT.middle))
+    changed = {k for k, v in emulator.state_dict().items() if not torch.equal(v, before_state[k])}
+    assert changed, "distillation changed nothing"
+    assert all(key.startswith(middle) for key in changed), sorted(changed)
+
+
+def test_an_interrupted_distillation_resumes_where_it_stopped(
+    tiny_model_dir, public_text: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loaded, block_map, text = _setup(tiny_model_dir, public_text)
+    straight = materialize(loaded.model, block_map)
+    distill_middle(loaded.model, straight, LAYOUT, text, CONFIG, tmp_path / "straight", show_progress=False)
+
+    real_order = distill.batch_order
+
+    def crash_at_step_6(count: int, batch_size: int, seed: int, step: int) -> list[int]:
+        if step == 6:
+            raise KeyboardInterrupt
+        return real_order(count, batch_size, seed, step)
+
+    interrupted = materialize(loaded.model, block_map)
+    monkeypatch.setattr(distill, "batch_order", crash_at_step_6)
+    with pytest.raises(KeyboardInterrupt):
+        distill_middle(loaded.model, interrupted, LAYOUT, text, CONFIG, tmp_path / "resumed", show_progress=False)
+    monkeypatch.setattr(distill, "batch_order", real_order)
+
+    resumed = materialize(loaded.model, block_map)  # a fresh process would start from the uniform drop again
+    report = distill_middle(loaded.model, resumed, LAYOUT, text, CONFIG, tmp_path / "resumed", show_progress=False)
+    assert report.resumed_from == 4  # the last checkpoint before the crash
+    for key, value in straight.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[key], value, rtol=1e-5, atol=1e-6)
+
+
+def test_a_checkpoint_of_another_run_is_not_resumed(tiny_model_dir, public_text: Path, tmp_path: Path) -> None:
+    loaded, block_map, text = _setup(tiny_model_dir, public_text)
+    distill_middle(
+        loaded.model, materialize(loaded.model, block_map), LAYOUT, text, CONFIG, tmp_path / "w", show_progress=False
+    )
+    other = TextChunks(text.train.flip(0), text.heldout, sha256="other")
+    report = distill_middle(
+        loaded.model, materialize(loaded.model, block_map), LAYOUT, other, CONFIG, tmp_path / "w", show_progress=False
+    )
+    assert report.resumed_from == 0
+
+
+def test_distilled_bundle_loads_in_transformers_and_records_the_run(
+    tiny_model_dir, public_text: Path, tmp_path: Path
+) -> None:
+    loaded = load_model(str(tiny_model_dir("llama")))
+    spec = EmulatorSpec.parse(f"distill:{TINY_LAYOUT},steps=3,data={public_text}")
+    assert spec.id.startswith(f"distill-{TINY_LAYOUT}-") and spec.id != EmulatorSpec.parse(f"distill:{TINY_LAYOUT}").id
+    key = load_or_create_private_key(tmp_path / "key.pem")
+    out = tmp_path / "emulator"
+    manifest = build_emulator(
+        loaded.model, loaded.tokenizer, spec, out, key, fingerprint(loaded.model), "tiny", show_progress=False
+    )
+    assert manifest["method"] == "distill" and manifest["block_map"] == [0, 1, 4, 5]
+    assert manifest["params"]["steps"] == 3 and len(manifest["params"]["public_text_sha256"]) == 64
+    assert not (tmp_path / "emulator.work").exists()
+    emulator = AutoModelForCausalLM.from_pretrained(out)
+    # The adapter blocks are still the full model's own: that is what makes plug-in possible.
+    for emulator_index, full_index in ((0, 0), (3, 5)):
+        ours, theirs = blocks(emulator)[emulator_index].state_dict(), blocks(loaded.model)[full_index].state_dict()
+        assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("distill:1-2-1,steps=0", "steps=.*positive"),
+        ("distill:1-2-1,colour=red", "has no option 'colour'"),
+        ("uniform:1-2-1,steps=3", "has no option 'steps'"),
+        ("distill:1-2-1,steps", "key=value"),
+    ],
+)
+def test_bad_emulator_options_are_explained(text: str, message: str) -> None:
+    with pytest.raises(LayoutError, match=message):
+        EmulatorSpec.parse(text)
+
+
+def test_too_little_public_text_is_explained(tiny_model_dir, tmp_path: Path) -> None:
+    loaded = load_model(str(tiny_model_dir("llama")))
+    short = tmp_path / "short.txt"
+    short.write_text("just a few words")
+    with pytest.raises(PublicTextError, match="at least 32 are needed"):
+        load_chunks(loaded.tokenizer, short, 16, 0.1)
+    with pytest.raises(PublicTextError, match="cannot read public text"):
+        load_chunks(loaded.tokenizer, tmp_path / "missing.txt", 16, 0.1)
