@@ -13,12 +13,12 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ...common.architectures import depth
 from ...common.signing import canonical_json
-from . import crash, distill, uniform
+from . import crash, distill, lowrank, uniform
 from .bundle import write_bundle
 from .interface import Builder, BuildRequest, parse_options
 from .layout import Layout, LayoutError
 
-BUILDERS: dict[str, Builder] = {"uniform": uniform, "distill": distill, "crash": crash}
+BUILDERS: dict[str, Builder] = {"uniform": uniform, "distill": distill, "crash": crash, "lowrank": lowrank}
 
 
 @dataclass(frozen=True)
