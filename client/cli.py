@@ -34,7 +34,13 @@ def cmd_pull(args: argparse.Namespace) -> None:
         {"ok": True, **result},
         args.json,
         f"pulled {result['emulator']} into {result['out']} ({result['bytes'] / MiB:.1f} MiB); signature and "
-        f"{len(result['files'])} file hashes verified against owner key {result['owner_public_key'][:16]}…",
+        f"{len(result['files'])} file hashes verified against owner key {result['owner_public_key'][:16]}…"
+        + (
+            f"\nowner's report card: perplexity {card['perplexity']:.2f} vs full {card['full_perplexity']:.2f} "
+            f"(×{card['perplexity_ratio']:.2f})"
+            if (card := result["report_card"])
+            else ""
+        ),
     )
 
 

@@ -96,4 +96,5 @@ def pull_emulator(
         "owner_public_key": card.owner_public_key,
         "block_map": manifest["block_map"],
         "adapter_blocks": manifest["adapter_blocks"],
+        "report_card": manifest.get("report_card"),  # signed with the rest; older owners have none
     }

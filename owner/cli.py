@@ -31,7 +31,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     owner_examples = read_jsonl(Path(args.eval_data)) if args.eval_data else None
     print(f"loading {args.model} ...", file=sys.stderr)
     loaded = load_model(args.model, cache_dir=store.models_dir)
-    service = OwnerService(loaded, store, specs, owner_examples)
+    service = OwnerService(loaded, store, specs, owner_examples, release_margin=args.release_margin)
     if store.tenant_count() == 0:
         print(
             f"warning: no tenants yet; add one with: offsite-owner tenants add NAME --store {args.store}",
@@ -118,6 +118,11 @@ def parser() -> argparse.ArgumentParser:
         help=f"METHOD:L-N-R[,key=value...], e.g. distill:2-8-2,steps=100; repeatable (default {DEFAULT_EMULATOR})",
     )
     serve.add_argument("--eval-data", help="the owner's own validation set (JSONL)")
+    serve.add_argument(
+        "--release-margin",
+        type=float,
+        help="refuse to serve an emulator whose held-out perplexity is below full × (1 + MARGIN), e.g. 0.5",
+    )
     serve.add_argument("--insecure", action="store_true", help="allow a non-loopback address without TLS")
     serve.set_defaults(handler=cmd_serve)
 

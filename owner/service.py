@@ -36,6 +36,7 @@ from ..common.signing import canonical_json, public_key_hex
 from .adapters.plugin import plug
 from .adapters.validation import AdapterRejected, Check, validate_adapter
 from .emulator import EmulatorSpec, build_emulator
+from .emulator.report_card import check_release
 from .generation import generate_stream
 from .store import Store, new_record
 
@@ -98,8 +99,10 @@ class OwnerService:
         owner_examples: list[Example] | None = None,
         eval_batch_size: int = 16,
         max_adapter_bytes: int = MAX_ADAPTER_BYTES,
+        release_margin: float | None = None,
     ):
         self.loaded = loaded
+        self.release_margin = release_margin
         self.store = store
         self.key = store.signing_key()
         self.public_key = public_key_hex(self.key)
@@ -113,17 +116,26 @@ class OwnerService:
         self._plug_lock = threading.Lock()
 
     def _prepare_emulator(self, spec: EmulatorSpec) -> Emulator:
-        """Reuses a stored bundle of this base model when it still verifies; builds it otherwise."""
+        """Reuses a stored bundle of this base model when it still verifies; builds it otherwise.
+
+        Raises ReleaseRefused when the release gate finds the emulator too close to the full model.
+        """
         directory = self.store.emulators_dir / self.fingerprint[:16] / spec.id
+        manifest = None
         if directory.is_dir():
             try:
-                return Emulator(spec, directory, verify_bundle(directory, self.public_key))
+                manifest = verify_bundle(directory, self.public_key)
             except BundleError as error:
                 log.warning("rebuilding emulator %s: %s", spec.id, error)
-        log.info("building emulator %s", spec.id)
-        manifest = build_emulator(
-            self.loaded.model, self.loaded.tokenizer, spec, directory, self.key, self.fingerprint, self.loaded.name
-        )
+            if manifest is not None and "report_card" not in manifest:
+                log.warning("rebuilding emulator %s: it predates report cards", spec.id)
+                manifest = None
+        if manifest is None:
+            log.info("building emulator %s", spec.id)
+            manifest = build_emulator(
+                self.loaded.model, self.loaded.tokenizer, spec, directory, self.key, self.fingerprint, self.loaded.name
+            )
+        check_release(spec.id, manifest["report_card"], self.release_margin)
         return Emulator(spec, directory, manifest)
 
     # GetModelCard
@@ -149,6 +161,10 @@ class OwnerService:
                     "parameters": int(e.manifest["parameters"]),
                     "bytes": e.bytes,
                     "files": e.files,
+                    "report_card": {
+                        k: e.manifest["report_card"][k]
+                        for k in ("perplexity", "full_perplexity", "perplexity_ratio", "windows")
+                    },
                 }
                 for e in self.emulators.values()
             ],

@@ -81,7 +81,10 @@ class OwnerServicer(pb_grpc.ModelOwnerServicer):
     @rpc
     def GetModelCard(self, tenant: str, request: pb.GetModelCardRequest, context: grpc.ServicerContext) -> pb.ModelCard:
         card = self.service.model_card()
-        offers = [pb.EmulatorOffer(**offer) for offer in card.pop("emulators")]
+        offers = [
+            pb.EmulatorOffer(report_card=pb.ReportCard(**offer.pop("report_card")), **offer)
+            for offer in card.pop("emulators")
+        ]
         return pb.ModelCard(emulators=offers, **card)
 
     @rpc

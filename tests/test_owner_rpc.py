@@ -206,3 +206,7 @@ def test_model_card(owner: InProcessOwner) -> None:
     assert card.architecture == "llama" and card.depth == 6
     assert [e.id for e in card.emulators] == [EMULATOR]
     assert len(card.owner_public_key) == 64 and len(card.base_fingerprint) == 64
+    report = card.emulators[0].report_card
+    stored = owner.service.emulators[EMULATOR].manifest["report_card"]
+    assert report.windows > 0 and report.perplexity == pytest.approx(stored["perplexity"])
+    assert report.perplexity_ratio == pytest.approx(report.perplexity / report.full_perplexity, rel=1e-3)

@@ -11,20 +11,34 @@ class GetModelCardRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class EmulatorOffer(_message.Message):
-    __slots__ = ("id", "method", "layout", "parameters", "bytes", "files")
+    __slots__ = ("id", "method", "layout", "parameters", "bytes", "files", "report_card")
     ID_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     PARAMETERS_FIELD_NUMBER: _ClassVar[int]
     BYTES_FIELD_NUMBER: _ClassVar[int]
     FILES_FIELD_NUMBER: _ClassVar[int]
+    REPORT_CARD_FIELD_NUMBER: _ClassVar[int]
     id: str
     method: str
     layout: str
     parameters: int
     bytes: int
     files: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, id: _Optional[str] = ..., method: _Optional[str] = ..., layout: _Optional[str] = ..., parameters: _Optional[int] = ..., bytes: _Optional[int] = ..., files: _Optional[_Iterable[str]] = ...) -> None: ...
+    report_card: ReportCard
+    def __init__(self, id: _Optional[str] = ..., method: _Optional[str] = ..., layout: _Optional[str] = ..., parameters: _Optional[int] = ..., bytes: _Optional[int] = ..., files: _Optional[_Iterable[str]] = ..., report_card: _Optional[_Union[ReportCard, _Mapping]] = ...) -> None: ...
+
+class ReportCard(_message.Message):
+    __slots__ = ("perplexity", "full_perplexity", "perplexity_ratio", "windows")
+    PERPLEXITY_FIELD_NUMBER: _ClassVar[int]
+    FULL_PERPLEXITY_FIELD_NUMBER: _ClassVar[int]
+    PERPLEXITY_RATIO_FIELD_NUMBER: _ClassVar[int]
+    WINDOWS_FIELD_NUMBER: _ClassVar[int]
+    perplexity: float
+    full_perplexity: float
+    perplexity_ratio: float
+    windows: int
+    def __init__(self, perplexity: _Optional[float] = ..., full_perplexity: _Optional[float] = ..., perplexity_ratio: _Optional[float] = ..., windows: _Optional[int] = ...) -> None: ...
 
 class ModelCard(_message.Message):
     __slots__ = ("model_name", "architecture", "depth", "hidden_size", "vocab_size", "tokenizer_sha256", "base_fingerprint", "emulators", "owner_public_key", "max_adapter_bytes", "chunk_bytes")

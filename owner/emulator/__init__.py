@@ -17,6 +17,7 @@ from . import crash, distill, lowrank, uniform
 from .bundle import write_bundle
 from .interface import Builder, BuildRequest, parse_options
 from .layout import Layout, LayoutError
+from .report_card import measure
 
 BUILDERS: dict[str, Builder] = {"uniform": uniform, "distill": distill, "crash": crash, "lowrank": lowrank}
 
@@ -76,6 +77,7 @@ def build_emulator(
     work_dir = out.with_name(out.name + ".work")
     request = BuildRequest(full, tokenizer, spec.layout, spec.parsed_options(), work_dir, show_progress)
     built = BUILDERS[spec.method].build(request)
+    card = measure(full, built.model, tokenizer, request.options.get("data"))
     body = {
         "id": spec.id,
         "method": spec.method,
@@ -89,6 +91,7 @@ def build_emulator(
             "emulator": spec.layout.emulator_adapter_blocks(len(built.block_map)),
             "full": spec.layout.adapter_blocks(total),
         },
+        "report_card": card.as_dict(),
     }
     manifest = write_bundle(built.model, tokenizer, out, key, body)
     shutil.rmtree(work_dir, ignore_errors=True)

@@ -26,7 +26,7 @@ from ...common.architectures import block_prefix, depth, spec_for
 from . import uniform
 from .interface import BuildRequest, Built, positive_int
 from .layout import Layout
-from .public_text import TextChunks, load_chunks
+from .public_text import TextChunks, load_chunks, window_perplexity
 
 PROGRESS_FILE = "progress.json"
 STATE_FILE = "state.safetensors"
@@ -75,19 +75,6 @@ def middle_parameters(emulator: PreTrainedModel, layout: Layout) -> dict[str, to
     spec = spec_for(emulator.config)
     prefixes = tuple(block_prefix(spec, i) for i in range(layout.bottom, layout.bottom + layout.middle))
     return {name: p for name, p in emulator.named_parameters() if name.startswith(prefixes)}
-
-
-@torch.no_grad()
-def perplexity(model: PreTrainedModel, chunks: torch.Tensor, batch_size: int) -> float:
-    """exp of the mean next-token loss over the windows (every window has the same length)."""
-    was_training = model.training
-    model.eval()
-    total = 0.0
-    for start in range(0, len(chunks), batch_size):
-        batch = chunks[start : start + batch_size]
-        total += float(model(input_ids=batch, labels=batch).loss) * len(batch)
-    model.train(was_training)
-    return math.exp(total / len(chunks))
 
 
 def cosine_lr(config: DistillConfig, step: int) -> float:
@@ -187,7 +174,7 @@ def distill_middle(
 
     progress = checkpoint.load(params, optimizer)
     if progress is None:
-        start = perplexity(emulator, heldout, config.batch_size)
+        start = window_perplexity(emulator, heldout, config.batch_size)
         progress = {"step": 0, "start_perplexity": start, "best_perplexity": start, "best_step": 0, "nmse": []}
         checkpoint.save_best(params)
     start_step = progress["step"]
@@ -217,7 +204,7 @@ def distill_middle(
             )
             done = step + 1
             if done % config.eval_every == 0 or done == config.steps:
-                current = perplexity(emulator, heldout, config.batch_size)
+                current = window_perplexity(emulator, heldout, config.batch_size)
                 if current < progress["best_perplexity"]:
                     progress.update(best_perplexity=current, best_step=done)
                     checkpoint.save_best(params)

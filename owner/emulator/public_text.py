@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 # WikiText-2 validation split (CC BY-SA 3.0), shipped so that building needs no network; see data/README.md.
 DEFAULT_PUBLIC_TEXT = Path(__file__).resolve().parent.parent / "data" / "wikitext2_valid.txt"
@@ -69,3 +70,16 @@ def load_chunks(
     heldout = max(1, round(len(chunks) * heldout_fraction)) if heldout_fraction > 0 else 0
     cut = len(chunks) - heldout
     return TextChunks(train=chunks[:cut], heldout=chunks[cut:], sha256=sha256)
+
+
+@torch.no_grad()
+def window_perplexity(model: PreTrainedModel, chunks: torch.Tensor, batch_size: int = 4) -> float:
+    """exp of the mean next-token loss over the windows (every window has the same length)."""
+    was_training = model.training
+    model.eval()
+    total = 0.0
+    for start in range(0, len(chunks), batch_size):
+        batch = chunks[start : start + batch_size]
+        total += float(model(input_ids=batch, labels=batch).loss) * len(batch)
+    model.train(was_training)
+    return math.exp(total / len(chunks))

@@ -1,0 +1,71 @@
+"""The owner's report card for an emulator: how big it is and how much worse than the full model it predicts text.
+
+The perplexity ratio (emulator / full) is the privacy side of the bargain: near 1, the emulator is the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from .public_text import read_public_text, token_chunks, window_perplexity
+
+REPORT_SEQ_LEN = 128
+REPORT_WINDOWS = 32
+# Only the tail of the public text is read: the held-out end that distillation never trains on.
+REPORT_TAIL_CHARS = 200_000
+
+
+class ReleaseRefused(ValueError):
+    """An emulator too close to the full model to be given away."""
+
+
+@dataclass(frozen=True)
+class ReportCard:
+    parameters: int
+    perplexity: float  # the emulator's, on the held-out public text
+    full_perplexity: float
+    perplexity_ratio: float
+    windows: int
+    text_sha256: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def heldout_windows(tokenizer: PreTrainedTokenizerBase, path: Path | None) -> tuple[torch.Tensor, str]:
+    text, sha256 = read_public_text(path)
+    windows = token_chunks(tokenizer, text[-REPORT_TAIL_CHARS:], REPORT_SEQ_LEN)
+    return windows[-REPORT_WINDOWS:], sha256
+
+
+def measure(
+    full: PreTrainedModel, emulator: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: Path | None = None
+) -> ReportCard:
+    windows, sha256 = heldout_windows(tokenizer, path)
+    emulator_ppl = window_perplexity(emulator, windows)
+    full_ppl = window_perplexity(full, windows)
+    return ReportCard(
+        parameters=sum(p.numel() for p in emulator.parameters()),
+        perplexity=round(emulator_ppl, 4),
+        full_perplexity=round(full_ppl, 4),
+        perplexity_ratio=round(emulator_ppl / full_ppl, 4),
+        windows=len(windows),
+        text_sha256=sha256,
+    )
+
+
+def check_release(emulator_id: str, card: dict[str, Any], margin: float | None) -> None:
+    """Refuses an emulator whose perplexity is within `margin` (relative) of the full model's."""
+    if margin is None:
+        return
+    if card["perplexity"] < card["full_perplexity"] * (1.0 + margin):
+        raise ReleaseRefused(
+            f"emulator {emulator_id} is too close to the full model to release: perplexity {card['perplexity']:.2f} "
+            f"vs full {card['full_perplexity']:.2f} (ratio {card['perplexity_ratio']:.3f}, "
+            f"the release margin needs at least {1.0 + margin:.3f})"
+        )
