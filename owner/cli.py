@@ -13,13 +13,25 @@ from ..common.cli_output import emit, fail, quiet_libraries
 from ..common.contract import DEFAULT_EMULATOR, DEFAULT_MODEL
 from ..common.examples import DataError, read_jsonl
 from ..common.model_loading import ModelNotFound, fingerprint, load_model
+from .certificates import DEFAULT_VALID_DAYS, CertificateError, init_certificates
 from .emulator import BUILDERS, EmulatorSpec, build_emulator
 from .emulator.layout import LayoutError
-from .server import BindRefused, start_server
+from .emulator.placement import PLACEMENTS
+from .server import BindRefused, ServerTls, start_server
 from .service import OwnerService
 from .store import Store
 
 SHUTDOWN_GRACE_SECONDS = 10.0
+
+
+def _server_tls(args: argparse.Namespace) -> ServerTls | None:
+    if not args.tls_cert and not args.tls_key:
+        if args.client_ca:
+            raise ValueError("--client-ca needs --tls-cert and --tls-key")
+        return None
+    if not (args.tls_cert and args.tls_key):
+        raise ValueError("TLS needs both --tls-cert and --tls-key")
+    return ServerTls(Path(args.tls_cert), Path(args.tls_key), Path(args.client_ca) if args.client_ca else None)
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -37,7 +49,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
             f"warning: no tenants yet; add one with: offsite-owner tenants add NAME --store {args.store}",
             file=sys.stderr,
         )
-    server, port = start_server(service, store, args.listen, insecure=args.insecure)
+    server, port = start_server(service, store, args.listen, insecure=args.insecure, tls=_server_tls(args))
     host = args.listen.rsplit(":", 1)[0]
     emit(
         {
@@ -62,7 +74,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 
 def cmd_build_emulator(args: argparse.Namespace) -> None:
-    options = "".join(f",{key}={value}" for key, value in (("steps", args.steps), ("data", args.data)) if value)
+    given = (("steps", args.steps), ("data", args.data), ("place", args.place))
+    options = "".join(f",{key}={value}" for key, value in given if value)
     spec = EmulatorSpec.parse(f"{args.method}:{args.layout}{options}")
     store = Store(Path(args.store))
     loaded = load_model(args.model, cache_dir=store.models_dir)
@@ -99,6 +112,19 @@ def cmd_tenants_add(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_certs_init(args: argparse.Namespace) -> None:
+    clients = [name.strip() for name in args.clients.split(",") if name.strip()]
+    issued = init_certificates(Path(args.out), args.server_name, clients, args.days, overwrite=args.force)
+    emit(
+        {"ok": True, **issued.as_dict()},
+        args.json,
+        f"wrote a CA, a certificate for {args.server_name} and {len(clients)} client certificate(s) to {args.out}.\n"
+        f"serve: --tls-cert {issued.server_cert} --tls-key {issued.server_key} --client-ca {issued.ca}\n"
+        f"client: --ca {issued.ca} --cert {args.out}/client-NAME.pem --key {args.out}/client-NAME.key\n"
+        f"Keep {issued.directory / 'ca.key'} offline: whoever holds it can mint clients.",
+    )
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="offsite-owner", description="Serve a model for offsite tuning.")
     commands = root.add_subparsers(dest="command", required=True)
@@ -123,6 +149,9 @@ def parser() -> argparse.ArgumentParser:
         type=float,
         help="refuse to serve an emulator whose held-out perplexity is below full × (1 + MARGIN), e.g. 0.5",
     )
+    serve.add_argument("--tls-cert", help="TLS: the server certificate (PEM), e.g. certs/server.pem")
+    serve.add_argument("--tls-key", help="TLS: its private key (PEM)")
+    serve.add_argument("--client-ca", help="mTLS: require client certificates signed by this CA, e.g. certs/ca.pem")
     serve.add_argument("--insecure", action="store_true", help="allow a non-loopback address without TLS")
     serve.set_defaults(handler=cmd_serve)
 
@@ -132,9 +161,24 @@ def parser() -> argparse.ArgumentParser:
     build.add_argument("--layout", required=True, help="L-N-R, e.g. 2-8-2")
     build.add_argument("--steps", type=int, help="distill: training steps (default 200)")
     build.add_argument("--data", help="distill: the owner's public text file (default: shipped WikiText-2 valid)")
+    build.add_argument(
+        "--place",
+        choices=PLACEMENTS,
+        help="uniform, distill: adapter blocks at the layout's ends (default) or the L+R most important blocks",
+    )
     build.add_argument("--out", required=True)
     build.add_argument("--store", required=True, help="the store whose key signs the bundle")
     build.set_defaults(handler=cmd_build_emulator)
+
+    certs = commands.add_parser("certs", help="TLS certificates").add_subparsers(dest="action", required=True)
+    certs_init = certs.add_parser("init", help="make a CA, a server certificate and client certificates")
+    certs_init.add_argument("--out", required=True, help="directory for ca.pem, server.pem, client-NAME.pem and keys")
+    certs_init.add_argument("--server-name", required=True, help="the host name or IP clients dial")
+    certs_init.add_argument("--clients", default="", help="comma-separated tenant names, e.g. alice,bob")
+    certs_init.add_argument("--days", type=int, default=DEFAULT_VALID_DAYS)
+    certs_init.add_argument("--force", action="store_true", help="replace an existing CA")
+    certs_init.add_argument("--json", action="store_true")
+    certs_init.set_defaults(handler=cmd_certs_init)
 
     tenants = commands.add_parser("tenants", help="manage tenants").add_subparsers(dest="action", required=True)
     tenant_add = tenants.add_parser("add", help="add a tenant and print its token once")
@@ -150,5 +194,14 @@ def main(argv: list[str] | None = None) -> None:
     quiet_libraries()
     try:
         args.handler(args)
-    except (LayoutError, ModelNotFound, UnsupportedArchitecture, DataError, BindRefused, ValueError, OSError) as error:
+    except (
+        LayoutError,
+        ModelNotFound,
+        UnsupportedArchitecture,
+        DataError,
+        BindRefused,
+        CertificateError,
+        ValueError,
+        OSError,
+    ) as error:
         fail(str(error), getattr(args, "json", False))

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import TINY_LAYOUT
+from tiny_models import DEPTH
 from transformers import AutoModelForCausalLM
 
 from offsite.common.architectures import block_prefix, blocks, spec_for
@@ -14,11 +15,12 @@ from offsite.common.model_loading import fingerprint, load_model
 from offsite.common.signing import load_or_create_private_key
 from offsite.owner.emulator import EmulatorSpec, build_emulator, distill, uniform
 from offsite.owner.emulator.bundle import materialize
-from offsite.owner.emulator.distill import DistillConfig, distill_middle, middle_output_index, nmse
+from offsite.owner.emulator.distill import DistillConfig, distill_middle, gap_exits, nmse
 from offsite.owner.emulator.layout import Layout, LayoutError
 from offsite.owner.emulator.public_text import PublicTextError, TextChunks, load_chunks
 
 LAYOUT = Layout.parse(TINY_LAYOUT)
+ADAPTERS = LAYOUT.adapter_blocks(DEPTH)
 CONFIG = DistillConfig(steps=12, batch_size=4, seq_len=16, lr=3e-3, warmup_steps=2, eval_every=4)
 
 
@@ -35,8 +37,8 @@ def public_text(tmp_path: Path) -> Path:
     return path
 
 
-def _middle_nmse(full, emulator, chunks: torch.Tensor) -> float:
-    teacher_index, student_index = middle_output_index(LAYOUT, len(blocks(full)))
+def _middle_nmse(full, emulator, block_map: list[int], chunks: torch.Tensor) -> float:
+    [(teacher_index, student_index)] = gap_exits(block_map, ADAPTERS, len(blocks(full)))
     with torch.no_grad():
         target = full.base_model(input_ids=chunks, output_hidden_states=True).hidden_states[teacher_index]
         student = emulator(input_ids=chunks, output_hidden_states=True).hidden_states[student_index]
@@ -76,11 +78,13 @@ def test_distillation_lowers_nmse_and_trains_only_the_middle(tiny_model_dir, pub
     loaded, block_map, text = _setup(tiny_model_dir, public_text)
     emulator = materialize(loaded.model, block_map)
     before_state = {k: v.clone() for k, v in emulator.state_dict().items()}
-    before = _middle_nmse(loaded.model, emulator, text.train)
+    before = _middle_nmse(loaded.model, emulator, block_map, text.train)
 
-    report = distill_middle(loaded.model, emulator, LAYOUT, text, CONFIG, tmp_path / "work", show_progress=False)
+    report = distill_middle(
+        loaded.model, emulator, block_map, ADAPTERS, text, CONFIG, tmp_path / "work", show_progress=False
+    )
 
-    after = _middle_nmse(loaded.model, emulator, text.train)
+    after = _middle_nmse(loaded.model, emulator, block_map, text.train)
     assert after < 0.9 * before, f"NMSE {before:.4f} -> {after:.4f}"
     assert report.best_heldout_perplexity <= report.start_heldout_perplexity
     spec = spec_for(emulator.config)
@@ -95,7 +99,9 @@ def test_an_interrupted_distillation_resumes_where_it_stopped(
 ) -> None:
     loaded, block_map, text = _setup(tiny_model_dir, public_text)
     straight = materialize(loaded.model, block_map)
-    distill_middle(loaded.model, straight, LAYOUT, text, CONFIG, tmp_path / "straight", show_progress=False)
+    distill_middle(
+        loaded.model, straight, block_map, ADAPTERS, text, CONFIG, tmp_path / "straight", show_progress=False
+    )
 
     real_order = distill.batch_order
 
@@ -107,11 +113,15 @@ def test_an_interrupted_distillation_resumes_where_it_stopped(
     interrupted = materialize(loaded.model, block_map)
     monkeypatch.setattr(distill, "batch_order", crash_at_step_6)
     with pytest.raises(KeyboardInterrupt):
-        distill_middle(loaded.model, interrupted, LAYOUT, text, CONFIG, tmp_path / "resumed", show_progress=False)
+        distill_middle(
+            loaded.model, interrupted, block_map, ADAPTERS, text, CONFIG, tmp_path / "resumed", show_progress=False
+        )
     monkeypatch.setattr(distill, "batch_order", real_order)
 
     resumed = materialize(loaded.model, block_map)  # a fresh process would start from the uniform drop again
-    report = distill_middle(loaded.model, resumed, LAYOUT, text, CONFIG, tmp_path / "resumed", show_progress=False)
+    report = distill_middle(
+        loaded.model, resumed, block_map, ADAPTERS, text, CONFIG, tmp_path / "resumed", show_progress=False
+    )
     assert report.resumed_from == 4  # the last checkpoint before the crash
     for key, value in straight.state_dict().items():
         torch.testing.assert_close(resumed.state_dict()[key], value, rtol=1e-5, atol=1e-6)
@@ -120,11 +130,25 @@ def test_an_interrupted_distillation_resumes_where_it_stopped(
 def test_a_checkpoint_of_another_run_is_not_resumed(tiny_model_dir, public_text: Path, tmp_path: Path) -> None:
     loaded, block_map, text = _setup(tiny_model_dir, public_text)
     distill_middle(
-        loaded.model, materialize(loaded.model, block_map), LAYOUT, text, CONFIG, tmp_path / "w", show_progress=False
+        loaded.model,
+        materialize(loaded.model, block_map),
+        block_map,
+        ADAPTERS,
+        text,
+        CONFIG,
+        tmp_path / "w",
+        show_progress=False,
     )
     other = TextChunks(text.train.flip(0), text.heldout, sha256="other")
     report = distill_middle(
-        loaded.model, materialize(loaded.model, block_map), LAYOUT, other, CONFIG, tmp_path / "w", show_progress=False
+        loaded.model,
+        materialize(loaded.model, block_map),
+        block_map,
+        ADAPTERS,
+        other,
+        CONFIG,
+        tmp_path / "w",
+        show_progress=False,
     )
     assert report.resumed_from == 0
 

@@ -25,7 +25,6 @@ def test_spaced_indices_follow_the_formula() -> None:
 def test_layout_blocks() -> None:
     layout = Layout.parse("2-8-2")
     assert layout.adapter_blocks(30) == [0, 1, 28, 29]
-    assert layout.emulator_adapter_blocks() == [0, 1, 10, 11]
 
 
 @pytest.mark.parametrize(

@@ -77,6 +77,7 @@ def build_emulator(
     work_dir = out.with_name(out.name + ".work")
     request = BuildRequest(full, tokenizer, spec.layout, spec.parsed_options(), work_dir, show_progress)
     built = BUILDERS[spec.method].build(request)
+    adapters = built.adapters if built.adapters is not None else spec.layout.adapter_blocks(total)
     card = measure(full, built.model, tokenizer, request.options.get("data"))
     body = {
         "id": spec.id,
@@ -88,8 +89,8 @@ def build_emulator(
         "architecture": full.config.model_type,
         "block_map": built.block_map,
         "adapter_blocks": {
-            "emulator": spec.layout.emulator_adapter_blocks(len(built.block_map)),
-            "full": spec.layout.adapter_blocks(total),
+            "emulator": [position for position, block in enumerate(built.block_map) if block in adapters],
+            "full": adapters,
         },
         "report_card": card.as_dict(),
     }

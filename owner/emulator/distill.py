@@ -1,7 +1,8 @@
 """Offsite-Tuning's distilled emulator: start from the uniform drop, then train only the kept middle blocks.
 
 The teacher is the full model's original middle stack; the student is the emulator. Both see the same public text,
-and the loss is `LM + nmse_weight · NMSE` on the hidden state that leaves the middle (the input of the top adapter).
+and the loss is `LM + nmse_weight · NMSE` on the hidden state that leaves the middle (the input of the top adapter);
+with an importance placement (`place=`) there are several gaps, and the NMSE is averaged over the state leaving each.
 The adapter blocks, embeddings, final norm and head stay frozen, so the bargain (what the data owner may train)
 does not change.
 """
@@ -25,7 +26,7 @@ from transformers import PreTrainedModel
 from ...common.architectures import block_prefix, depth, spec_for
 from . import uniform
 from .interface import BuildRequest, Built, positive_int
-from .layout import Layout
+from .placement import gaps, parse_placement
 from .public_text import TextChunks, load_chunks, window_perplexity
 
 PROGRESS_FILE = "progress.json"
@@ -65,15 +66,20 @@ def nmse(teacher: torch.Tensor, student: torch.Tensor, eps: float = 1e-6) -> tor
     return ((teacher - student) / rms).pow(2).mean()
 
 
-def middle_output_index(layout: Layout, total_depth: int) -> tuple[int, int]:
-    """`hidden_states` indices (teacher, student) of the state that leaves the middle stack."""
-    return total_depth - layout.top, layout.bottom + layout.middle
+def gap_exits(block_map: list[int], adapters: list[int], total_depth: int) -> list[tuple[int, int]]:
+    """`hidden_states` indices (teacher, student) of the state leaving each gap; one gap with adapters at the ends."""
+    exits = []
+    for run in gaps(adapters, total_depth):
+        exits.append((run[-1] + 1, sum(1 for block in block_map if block <= run[-1])))
+    return exits
 
 
-def middle_parameters(emulator: PreTrainedModel, layout: Layout) -> dict[str, torch.nn.Parameter]:
-    """The trainable middle blocks' parameters, by their names in the emulator."""
+def middle_parameters(
+    emulator: PreTrainedModel, block_map: list[int], adapters: list[int]
+) -> dict[str, torch.nn.Parameter]:
+    """The trainable (non-adapter) blocks' parameters, by their names in the emulator."""
     spec = spec_for(emulator.config)
-    prefixes = tuple(block_prefix(spec, i) for i in range(layout.bottom, layout.bottom + layout.middle))
+    prefixes = tuple(block_prefix(spec, i) for i, block in enumerate(block_map) if block not in adapters)
     return {name: p for name, p in emulator.named_parameters() if name.startswith(prefixes)}
 
 
@@ -152,25 +158,27 @@ class _Checkpoint:
 def distill_middle(
     full: PreTrainedModel,
     emulator: PreTrainedModel,
-    layout: Layout,
+    block_map: list[int],
+    adapters: list[int],
     text: TextChunks,
     config: DistillConfig,
     checkpoint_dir: Path,
     show_progress: bool = True,
 ) -> DistillReport:
-    """Trains `emulator`'s middle blocks in place; leaves the best checkpoint by held-out perplexity loaded."""
+    """Trains `emulator`'s non-adapter blocks in place; leaves the best checkpoint by held-out perplexity loaded."""
     started = time.perf_counter()
     torch.manual_seed(config.seed)
-    teacher_index, student_index = middle_output_index(layout, depth(full.config))
+    exits = gap_exits(block_map, adapters, depth(full.config))
     full.eval()
     for parameter in emulator.parameters():
         parameter.requires_grad_(False)
-    params = middle_parameters(emulator, layout)
+    params = middle_parameters(emulator, block_map, adapters)
     for parameter in params.values():
         parameter.requires_grad_(True)
     optimizer = torch.optim.AdamW(list(params.values()), lr=config.lr, weight_decay=0.0)
     heldout = text.heldout[: config.max_heldout_chunks]
-    checkpoint = _Checkpoint(checkpoint_dir, {"config": asdict(config), "text_sha256": text.sha256})
+    identity = {"config": asdict(config), "text_sha256": text.sha256, "block_map": block_map}
+    checkpoint = _Checkpoint(checkpoint_dir, identity)
 
     progress = checkpoint.load(params, optimizer)
     if progress is None:
@@ -185,9 +193,9 @@ def distill_middle(
         for step in range(start_step, config.steps):
             batch = text.train[batch_order(len(text.train), config.batch_size, config.seed, step)]
             with torch.no_grad():
-                target = full.base_model(input_ids=batch, output_hidden_states=True).hidden_states[teacher_index]
+                targets = full.base_model(input_ids=batch, output_hidden_states=True).hidden_states
             out = emulator(input_ids=batch, labels=batch, output_hidden_states=True)
-            distance = nmse(target, out.hidden_states[student_index])
+            distance = torch.stack([nmse(targets[t], out.hidden_states[s]) for t, s in exits]).mean()
             loss = out.loss + config.nmse_weight * distance
             for group in optimizer.param_groups:
                 group["lr"] = cosine_lr(config, step)
@@ -227,18 +235,26 @@ def distill_middle(
     )
 
 
-OPTIONS: Mapping[str, Callable[[str], Any]] = {"steps": positive_int, "data": Path}
+OPTIONS: Mapping[str, Callable[[str], Any]] = {"steps": positive_int, "data": Path, "place": parse_placement}
 
 
 def build(request: BuildRequest) -> Built:
-    """The uniform drop, then distillation of its middle on the owner's public text (`data`, default WikiText-2)."""
+    """The uniform drop, then distillation of its kept blocks on the owner's public text (default WikiText-2)."""
     start = uniform.build(request)
     config = DistillConfig(steps=request.options.get("steps", DistillConfig.steps))
     text = load_chunks(request.tokenizer, request.options.get("data"), config.seq_len, config.heldout_fraction)
     report = distill_middle(
-        request.full, start.model, request.layout, text, config, request.work_dir, request.show_progress
+        request.full,
+        start.model,
+        start.block_map,
+        start.adapters or [],
+        text,
+        config,
+        request.work_dir,
+        request.show_progress,
     )
     params = {
+        **start.params,
         "steps": config.steps,
         "tokens_per_step": config.batch_size * config.seq_len,
         "lr": config.lr,
@@ -250,4 +266,4 @@ def build(request: BuildRequest) -> Built:
         "nmse_first": round(report.first_nmse, 6),
         "nmse_last": round(report.last_nmse, 6),
     }
-    return Built(start.model, start.block_map, params)
+    return Built(start.model, start.block_map, params, start.adapters)

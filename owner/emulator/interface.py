@@ -27,6 +27,7 @@ class Built:
     model: PreTrainedModel
     block_map: list[int]  # emulator block i was made from full-model block block_map[i]
     params: dict[str, Any] = field(default_factory=dict)  # method facts recorded in the manifest
+    adapters: list[int] | None = None  # full-model indices of the adapter blocks; None: the layout's ends
 
 
 class Builder(Protocol):

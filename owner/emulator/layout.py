@@ -41,11 +41,6 @@ class Layout:
         """Full-model indices of the trainable adapter blocks."""
         return list(range(self.bottom)) + list(range(depth - self.top, depth))
 
-    def emulator_adapter_blocks(self, emulator_depth: int | None = None) -> list[int]:
-        """Emulator indices of the same blocks; a sharing emulator is deeper than l + N + r."""
-        size = emulator_depth if emulator_depth is not None else self.bottom + self.middle + self.top
-        return list(range(self.bottom)) + list(range(size - self.top, size))
-
     def compose(self, depth: int, middle: list[int]) -> list[int]:
         """The block map: emulator block i is full-model block map[i]."""
         return list(range(self.bottom)) + middle + list(range(depth - self.top, depth))

@@ -1,9 +1,10 @@
-"""Offsite-Tuning's uniform layer drop: keep N evenly spaced blocks of the middle."""
+"""Offsite-Tuning's uniform layer drop: keep N evenly spaced blocks of the middle (of each gap, with `place=`)."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 from transformers import PreTrainedModel
@@ -12,8 +13,9 @@ from ...common.architectures import depth
 from .bundle import materialize
 from .interface import BuildRequest, Built
 from .layout import Layout
+from .placement import ENDS, Placement, allot, gaps, parse_placement, place
 
-OPTIONS: Mapping[str, Callable[[str], Any]] = {}
+OPTIONS: Mapping[str, Callable[[str], Any]] = {"place": parse_placement, "data": Path}
 
 
 def spaced_indices(count: int, keep: int) -> list[int]:
@@ -23,13 +25,24 @@ def spaced_indices(count: int, keep: int) -> list[int]:
     return [math.floor(i * (count - 1) / (keep - 1) + 0.5) for i in range(keep)]
 
 
+def compose(placement: Placement, total_depth: int, keep: int) -> list[int]:
+    """The block map: the adapter blocks, and `keep` evenly spaced blocks of the gaps between them."""
+    runs = gaps(placement.adapters, total_depth)
+    shares = allot([len(run) for run in runs], keep)
+    kept = [run[i] for run, share in zip(runs, shares, strict=True) if share for i in spaced_indices(len(run), share)]
+    return sorted(placement.adapters + kept)
+
+
 def select_blocks(model: PreTrainedModel, layout: Layout) -> list[int]:
+    """The block map of the plain layout, adapters at the ends."""
     total = depth(model.config)
     layout.check(total)
-    middle = [layout.bottom + i for i in spaced_indices(total - layout.bottom - layout.top, layout.middle)]
-    return layout.compose(total, middle)
+    return compose(Placement(ENDS, layout.adapter_blocks(total)), total, layout.middle)
 
 
 def build(request: BuildRequest) -> Built:
-    block_map = select_blocks(request.full, request.layout)
-    return Built(materialize(request.full, block_map), block_map)
+    method = request.options.get("place", ENDS)
+    placement = place(method, request.full, request.tokenizer, request.layout, request.options.get("data"))
+    block_map = compose(placement, depth(request.full.config), request.layout.middle)
+    params = placement.as_params() if method != ENDS else {}
+    return Built(materialize(request.full, block_map), block_map, params, placement.adapters)
