@@ -13,7 +13,7 @@ from ..common.examples import DataError, read_jsonl
 from ..common.manifest import BundleError
 from ..common.memory import peak_rss_bytes
 from ..common.rpc import pb
-from .connection import Remote, RemoteError
+from .connection import ClientTls, Remote, RemoteError
 from .evaluation import evaluate_local, evaluate_remote
 from .pull import pull_emulator
 from .push import push_adapter
@@ -24,7 +24,9 @@ MiB = 1024 * 1024
 
 
 def _remote(args: argparse.Namespace) -> Remote:
-    return Remote(args.server, args.token)
+    paths = [Path(p) if p else None for p in (args.ca, args.cert, args.key)]
+    tls = ClientTls(*paths) if any(paths) else None
+    return Remote(args.server, args.token, tls=tls)
 
 
 def cmd_pull(args: argparse.Namespace) -> None:
@@ -183,6 +185,9 @@ def parser() -> argparse.ArgumentParser:
         if remote:
             sub.add_argument("--server", required=name != "eval", help="the owner's HOST:PORT")
             sub.add_argument("--token", help="tenant token (default: $OFFSITE_TOKEN)")
+            sub.add_argument("--ca", help="TLS: the CA that signed the owner's certificate (from certs init)")
+            sub.add_argument("--cert", help="mTLS: this tenant's client certificate (names the tenant)")
+            sub.add_argument("--key", help="mTLS: the client certificate's private key")
         return sub
 
     pull = add("pull", "pull and verify an emulator", remote=True)

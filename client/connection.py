@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TypeVar
 
 import grpc
@@ -23,20 +25,42 @@ class RemoteError(RuntimeError):
         super().__init__(f"{self.code.name}: {error.details()}")
 
 
+@dataclass(frozen=True)
+class ClientTls:
+    ca: Path | None = None  # None: the system's trusted roots
+    cert: Path | None = None  # with key: a client certificate, for an owner that requires mTLS
+    key: Path | None = None
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("a client certificate needs both --cert and --key")
+        try:
+            root = self.ca.read_bytes() if self.ca else None
+            key = self.key.read_bytes() if self.key else None
+            chain = self.cert.read_bytes() if self.cert else None
+        except OSError as error:
+            raise ValueError(f"cannot read a TLS file: {error}") from None
+        return grpc.ssl_channel_credentials(root_certificates=root, private_key=key, certificate_chain=chain)
+
+
 class Remote:
-    def __init__(self, server: str, token: str | None = None, timeout: float | None = None):
+    def __init__(
+        self, server: str, token: str | None = None, timeout: float | None = None, tls: ClientTls | None = None
+    ):
         token = token or os.environ.get(TOKEN_ENVIRONMENT)
-        if not token:
-            raise ValueError(f"no tenant token: pass --token or set {TOKEN_ENVIRONMENT}")
-        self.channel = grpc.insecure_channel(
-            server,
-            options=[
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ],
+        if not token and not (tls and tls.cert):
+            raise ValueError(f"no tenant token: pass --token or set {TOKEN_ENVIRONMENT} (or present --cert/--key)")
+        options = [
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ]
+        self.channel = (
+            grpc.secure_channel(server, tls.credentials(), options=options)
+            if tls
+            else grpc.insecure_channel(server, options=options)
         )
         self.stub = pb_grpc.ModelOwnerStub(self.channel)
-        self.metadata = ((TOKEN_METADATA_KEY, TOKEN_SCHEME + token),)
+        self.metadata = ((TOKEN_METADATA_KEY, TOKEN_SCHEME + token),) if token else ()
         self.timeout = timeout
 
     def close(self) -> None:

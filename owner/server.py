@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ipaddress
 from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -23,6 +25,21 @@ class BindRefused(ValueError):
     """The daemon will not listen on that address as asked."""
 
 
+@dataclass(frozen=True)
+class ServerTls:
+    cert: Path
+    key: Path
+    client_ca: Path | None = None  # set: mutual TLS, every client must present a certificate this CA signed
+
+    def credentials(self) -> grpc.ServerCredentials:
+        try:
+            pair = (self.key.read_bytes(), self.cert.read_bytes())
+            root = self.client_ca.read_bytes() if self.client_ca else None
+        except OSError as error:
+            raise BindRefused(f"cannot read a TLS file: {error}") from None
+        return grpc.ssl_server_credentials([pair], root_certificates=root, require_client_auth=root is not None)
+
+
 def is_loopback(listen: str) -> bool:
     host = listen.rsplit(":", 1)[0].strip("[]")
     if host == "localhost":
@@ -33,9 +50,11 @@ def is_loopback(listen: str) -> bool:
         return False
 
 
-def start_server(service: OwnerService, store: Store, listen: str, insecure: bool = False) -> tuple[grpc.Server, int]:
+def start_server(
+    service: OwnerService, store: Store, listen: str, insecure: bool = False, tls: ServerTls | None = None
+) -> tuple[grpc.Server, int]:
     """Starts serving on `listen` (HOST:PORT; port 0 picks a free one) and returns the server and port."""
-    if not is_loopback(listen) and not insecure:
+    if tls is None and not is_loopback(listen) and not insecure:
         raise BindRefused(
             f"refusing to listen on {listen} without TLS: anyone on that network could read the traffic. "
             "Bind a loopback address, or pass --insecure to accept the risk."
@@ -53,7 +72,7 @@ def start_server(service: OwnerService, store: Store, listen: str, insecure: boo
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(listen)
+    port = server.add_secure_port(listen, tls.credentials()) if tls else server.add_insecure_port(listen)
     if port == 0:
         raise BindRefused(f"could not bind {listen}")
     server.start()

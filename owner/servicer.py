@@ -69,12 +69,19 @@ class OwnerServicer(pb_grpc.ModelOwnerServicer):
         self.store = store
 
     def authenticate(self, context: grpc.ServicerContext) -> str:
+        """The tenant named by the bearer token, or else by the common name of a verified client certificate."""
         metadata = dict(context.invocation_metadata())
         header = metadata.get(TOKEN_METADATA_KEY, "")
         tenant = self.store.authenticate(header[len(TOKEN_SCHEME) :]) if header.startswith(TOKEN_SCHEME) else None
+        if tenant is None and not header:
+            # gRPC only fills x509_common_name for a certificate the server's client CA verified (mTLS).
+            names = context.auth_context().get("x509_common_name", [])
+            if len(names) == 1 and self.store.has_tenant(names[0].decode("utf-8", "replace")):
+                tenant = names[0].decode()
         if tenant is None:
             context.abort(
-                grpc.StatusCode.UNAUTHENTICATED, "a valid tenant token is required (offsite-owner tenants add)"
+                grpc.StatusCode.UNAUTHENTICATED,
+                "a valid tenant token or client certificate is required (offsite-owner tenants add, certs init)",
             )
         return tenant
 

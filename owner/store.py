@@ -118,6 +118,10 @@ class Store:
                 found = name
         return found
 
+    def has_tenant(self, name: str) -> bool:
+        with self._lock:
+            return self._db.execute("SELECT 1 FROM tenants WHERE name = ?", (name,)).fetchone() is not None
+
     def tenant_count(self) -> int:
         with self._lock:
             return int(self._db.execute("SELECT COUNT(*) FROM tenants").fetchone()[0])
