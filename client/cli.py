@@ -15,10 +15,11 @@ from ..common.memory import peak_rss_bytes
 from ..common.rpc import pb
 from .connection import ClientTls, Remote, RemoteError
 from .evaluation import evaluate_local, evaluate_remote
-from .pull import pull_emulator
+from .pull import OwnerKeyMismatch, pull_emulator
 from .push import push_adapter
 from .training import train_adapter
 from .training.config import TrainConfig
+from .trust import KnownOwners
 
 MiB = 1024 * 1024
 
@@ -30,8 +31,23 @@ def _remote(args: argparse.Namespace) -> Remote:
 
 
 def cmd_pull(args: argparse.Namespace) -> None:
+    known = KnownOwners()
+    pinned = args.owner_key or known.expected(args.server)
     with _remote(args) as remote:
-        result = pull_emulator(remote, Path(args.out), args.emulator, args.owner_key)
+        try:
+            result = pull_emulator(remote, Path(args.out), args.emulator, pinned)
+        except OwnerKeyMismatch as error:
+            if args.owner_key:
+                raise
+            raise OwnerKeyMismatch(
+                f"{error} (pinned on first use in {known.path}; if the owner really changed its key, remove the "
+                f"{args.server} entry there or pass --owner-key)"
+            ) from None
+    if pinned is None:
+        known.remember(args.server, result["owner_public_key"])
+        print(
+            f"trusting owner key {result['owner_public_key']} on first use (recorded in {known.path})", file=sys.stderr
+        )
     emit(
         {"ok": True, **result},
         args.json,
@@ -193,7 +209,9 @@ def parser() -> argparse.ArgumentParser:
     pull = add("pull", "pull and verify an emulator", remote=True)
     pull.add_argument("--out", required=True)
     pull.add_argument("--emulator", help="emulator id (default: the first offered)")
-    pull.add_argument("--owner-key", help="pin the owner's Ed25519 public key (hex)")
+    pull.add_argument(
+        "--owner-key", help="pin the owner's Ed25519 public key (hex); default: the key recorded on first use"
+    )
     pull.set_defaults(handler=cmd_pull)
 
     train = add("train", "train an adapter on the emulator, locally")

@@ -10,7 +10,13 @@ from typing import TypeVar
 
 import grpc
 
-from ..common.contract import MAX_MESSAGE_BYTES, TOKEN_METADATA_KEY, TOKEN_SCHEME
+from ..common.contract import (
+    MAX_MESSAGE_BYTES,
+    STREAM_DEADLINE_SECONDS,
+    TOKEN_METADATA_KEY,
+    TOKEN_SCHEME,
+    UNARY_DEADLINE_SECONDS,
+)
 from ..common.rpc import pb, pb_grpc
 
 TOKEN_ENVIRONMENT = "OFFSITE_TOKEN"
@@ -47,6 +53,8 @@ class Remote:
     def __init__(
         self, server: str, token: str | None = None, timeout: float | None = None, tls: ClientTls | None = None
     ):
+        """`timeout` overrides the deadline of every call; by default unary calls get UNARY_DEADLINE_SECONDS and
+        streams STREAM_DEADLINE_SECONDS, so no call can hang forever."""
         token = token or os.environ.get(TOKEN_ENVIRONMENT)
         if not token and not (tls and tls.cert):
             raise ValueError(f"no tenant token: pass --token or set {TOKEN_ENVIRONMENT} (or present --cert/--key)")
@@ -74,13 +82,13 @@ class Remote:
 
     def _unary(self, method: Callable[..., Response], request: object) -> Response:
         try:
-            return method(request, metadata=self.metadata, timeout=self.timeout)
+            return method(request, metadata=self.metadata, timeout=self.timeout or UNARY_DEADLINE_SECONDS)
         except grpc.RpcError as error:
             raise RemoteError(error) from None
 
     def _stream(self, method: Callable[..., Iterator[Response]], request: object) -> Iterator[Response]:
         try:
-            yield from method(request, metadata=self.metadata, timeout=self.timeout)
+            yield from method(request, metadata=self.metadata, timeout=self.timeout or STREAM_DEADLINE_SECONDS)
         except grpc.RpcError as error:
             raise RemoteError(error) from None
 
@@ -90,10 +98,15 @@ class Remote:
     def pull(self, artifact: str, name: str, offset: int) -> Iterator[pb.ArtifactChunk]:
         """Raw chunks; the caller handles grpc.RpcError itself, to resume transient failures."""
         request = pb.PullArtifactRequest(artifact=artifact, file=name, offset=offset)
-        return self.stub.PullArtifact(request, metadata=self.metadata, timeout=self.timeout)
+        return self.stub.PullArtifact(request, metadata=self.metadata, timeout=self.timeout or STREAM_DEADLINE_SECONDS)
 
     def push(self, messages: Iterator[pb.PushAdapterRequest]) -> pb.PushAdapterResponse:
-        return self._unary(self.stub.PushAdapter, messages)
+        try:
+            return self.stub.PushAdapter(
+                messages, metadata=self.metadata, timeout=self.timeout or STREAM_DEADLINE_SECONDS
+            )
+        except grpc.RpcError as error:
+            raise RemoteError(error) from None
 
     def evaluate(self, request: pb.EvaluateRequest) -> Iterator[pb.EvaluateEvent]:
         return self._stream(self.stub.Evaluate, request)

@@ -108,7 +108,8 @@ def run_demo(args: argparse.Namespace) -> None:
     eval_data = args.eval_data or str(sample_path("sst2_dev.jsonl"))
     store = workdir / "owner-store"
     token = Store(store).add_tenant(f"demo-{int(time.time())}")
-    env = dict(os.environ, OFFSITE_TOKEN=token)
+    # The demo's client config (its trust-on-first-use record of the owner key) stays in the work directory.
+    env = dict(os.environ, OFFSITE_TOKEN=token, OFFSITE_HOME=str(workdir / "client-config"))
     offsite = [sys.executable, "-m", "offsite.client"]
     say = (lambda text: print(text, file=sys.stderr, flush=True)) if args.json else print
 

@@ -20,6 +20,10 @@ RETRY_PAUSE_SECONDS = 0.5
 PARTIAL_SUFFIX = ".part"
 
 
+class OwnerKeyMismatch(BundleError):
+    """The owner presents a key other than the pinned one."""
+
+
 def choose_offer(card: pb.ModelCard, emulator: str | None) -> pb.EmulatorOffer:
     offers = {offer.id: offer for offer in card.emulators}
     if not offers:
@@ -71,7 +75,7 @@ def pull_emulator(
 ) -> dict[str, Any]:
     card = remote.model_card()
     if owner_key is not None and card.owner_public_key != owner_key:
-        raise BundleError(f"the owner presents key {card.owner_public_key}, but the pinned key is {owner_key}")
+        raise OwnerKeyMismatch(f"the owner presents key {card.owner_public_key}, but the pinned key is {owner_key}")
     offer = choose_offer(card, emulator)
     out.mkdir(parents=True, exist_ok=True)
     with tqdm(total=offer.bytes, unit="B", unit_scale=True, desc=f"pull {offer.id}", disable=not show_progress) as bar:

@@ -18,6 +18,15 @@ ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 FLOAT_DTYPES = frozenset({"F32", "F16", "BF16"})
 
+# Per-tenant limits (owner defaults; `serve` flags override them)
+MAX_ADAPTERS_PER_TENANT = 64
+MAX_TENANT_BYTES = 2048 * MiB
+MAX_STREAMS_PER_TENANT = 4  # concurrent PullArtifact, PushAdapter, Evaluate and Generate calls
+
+# Deadlines the client puts on every call
+UNARY_DEADLINE_SECONDS = 60.0
+STREAM_DEADLINE_SECONDS = 6 * 3600.0  # an evaluation of a large set on CPU can take hours
+
 # Evaluate / Generate
 MAX_EVAL_EXAMPLES = 20_000
 MAX_EXAMPLE_CHARS = 20_000

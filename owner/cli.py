@@ -10,13 +10,21 @@ from pathlib import Path
 
 from ..common.architectures import UnsupportedArchitecture
 from ..common.cli_output import emit, fail, quiet_libraries
-from ..common.contract import DEFAULT_EMULATOR, DEFAULT_MODEL
+from ..common.contract import (
+    DEFAULT_EMULATOR,
+    DEFAULT_MODEL,
+    MAX_ADAPTERS_PER_TENANT,
+    MAX_STREAMS_PER_TENANT,
+    MAX_TENANT_BYTES,
+    MiB,
+)
 from ..common.examples import DataError, read_jsonl
 from ..common.model_loading import ModelNotFound, fingerprint, load_model
 from .certificates import DEFAULT_VALID_DAYS, CertificateError, init_certificates
 from .emulator import BUILDERS, EmulatorSpec, build_emulator
 from .emulator.layout import LayoutError
 from .emulator.placement import PLACEMENTS
+from .limits import TenantLimits
 from .server import BindRefused, ServerTls, start_server
 from .service import OwnerService
 from .store import Store
@@ -43,7 +51,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     owner_examples = read_jsonl(Path(args.eval_data)) if args.eval_data else None
     print(f"loading {args.model} ...", file=sys.stderr)
     loaded = load_model(args.model, cache_dir=store.models_dir)
-    service = OwnerService(loaded, store, specs, owner_examples, release_margin=args.release_margin)
+    limits = TenantLimits(args.max_adapters, args.max_tenant_mib * MiB, args.max_streams)
+    service = OwnerService(loaded, store, specs, owner_examples, release_margin=args.release_margin, limits=limits)
     if store.tenant_count() == 0:
         print(
             f"warning: no tenants yet; add one with: offsite-owner tenants add NAME --store {args.store}",
@@ -148,6 +157,13 @@ def parser() -> argparse.ArgumentParser:
         "--release-margin",
         type=float,
         help="refuse to serve an emulator whose held-out perplexity is below full × (1 + MARGIN), e.g. 0.5",
+    )
+    serve.add_argument("--max-adapters", type=int, default=MAX_ADAPTERS_PER_TENANT, help="adapters per tenant")
+    serve.add_argument(
+        "--max-tenant-mib", type=int, default=MAX_TENANT_BYTES // MiB, help="adapter MiB a tenant may store"
+    )
+    serve.add_argument(
+        "--max-streams", type=int, default=MAX_STREAMS_PER_TENANT, help="concurrent streaming calls per tenant"
     )
     serve.add_argument("--tls-cert", help="TLS: the server certificate (PEM), e.g. certs/server.pem")
     serve.add_argument("--tls-key", help="TLS: its private key (PEM)")

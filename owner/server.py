@@ -13,6 +13,7 @@ from grpc_reflection.v1alpha import reflection
 
 from ..common.contract import MAX_MESSAGE_BYTES
 from ..common.rpc import pb, pb_grpc
+from .audit import AUDIT_FILE, AuditInterceptor, AuditLog
 from .service import OwnerService
 from .servicer import OwnerServicer
 from .store import Store
@@ -61,6 +62,7 @@ def start_server(
         )
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=WORKERS),
+        interceptors=[AuditInterceptor(AuditLog(store.root / AUDIT_FILE))],
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),

@@ -38,6 +38,7 @@ from .adapters.validation import AdapterRejected, Check, validate_adapter
 from .emulator import EmulatorSpec, build_emulator
 from .emulator.report_card import check_release
 from .generation import generate_stream
+from .limits import LimitExceeded, TenantLimits
 from .store import Store, new_record
 
 log = logging.getLogger(__name__)
@@ -100,9 +101,11 @@ class OwnerService:
         eval_batch_size: int = 16,
         max_adapter_bytes: int = MAX_ADAPTER_BYTES,
         release_margin: float | None = None,
+        limits: TenantLimits | None = None,
     ):
         self.loaded = loaded
         self.release_margin = release_margin
+        self.limits = limits or TenantLimits()
         self.store = store
         self.key = store.signing_key()
         self.public_key = public_key_hex(self.key)
@@ -210,6 +213,13 @@ class OwnerService:
         if emulator is None:
             raise invalid(f"unknown emulator {emulator_id!r}; offered: {', '.join(sorted(self.emulators))}")
         declared = self._check_declared_files(files)
+        adapter_id = hashlib.sha256(canonical_json({n: d[1] for n, d in declared.items()})).hexdigest()
+        if self.store.get_adapter(tenant, adapter_id) is None:
+            incoming = sum(size for size, _ in declared.values())
+            try:
+                self.limits.check_quota(tenant, *self.store.usage(tenant), incoming)  # before receiving a byte
+            except LimitExceeded as error:
+                raise OwnerError("RESOURCE_EXHAUSTED", str(error)) from None
         with self.store.staging() as staged:
             self._receive(staged, declared, chunks)
             try:
@@ -219,10 +229,12 @@ class OwnerService:
                 raise invalid(str(error)) from None
             if manifest.get("emulator") != emulator_id:
                 raise invalid(f"{MANIFEST_NAME}: trained on {manifest.get('emulator')!r}, pushed for {emulator_id!r}")
-            adapter_id = hashlib.sha256(canonical_json({n: d[1] for n, d in declared.items()})).hexdigest()
             size = sum(d[0] for d in declared.values())
             record = new_record(tenant, adapter_id, validated.method, emulator_id, size, validated.parameters)
-            added = self.store.commit_adapter(tenant, staged, record)
+            try:
+                added = self.store.commit_adapter(tenant, staged, record, self.limits)
+            except LimitExceeded as error:
+                raise OwnerError("RESOURCE_EXHAUSTED", str(error)) from None
         return PushResult(adapter_id, validated.method, size, validated.parameters, validated.checks, not added)
 
     def _check_declared_files(self, files: list[tuple[str, int, str]]) -> dict[str, tuple[int, str]]:

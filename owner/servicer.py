@@ -15,6 +15,8 @@ from ..common.examples import Example
 from ..common.memory import peak_rss_bytes
 from ..common.rpc import pb, pb_grpc
 from ..common.scoring import EvaluationReport
+from .audit import note_tenant
+from .limits import LimitExceeded, StreamSlots
 from .service import OwnerError, OwnerService, Progress
 from .store import Store
 
@@ -31,7 +33,8 @@ def rpc(method: Handler) -> Handler:
         try:
             result = method(self, tenant, request, context)
             if isinstance(result, Iterator):
-                return _guard_stream(result, context)
+                self.take_stream_slot(tenant, context)
+                return _guard_stream(result, context, lambda: self.streams.release(tenant))
             return result
         except OwnerError as error:
             context.abort(getattr(grpc.StatusCode, error.code), str(error))
@@ -39,11 +42,13 @@ def rpc(method: Handler) -> Handler:
     return wrapper  # type: ignore[return-value]
 
 
-def _guard_stream(stream: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
+def _guard_stream(stream: Iterator[Any], context: grpc.ServicerContext, on_end: Callable[[], None]) -> Iterator[Any]:
     try:
         yield from stream
     except OwnerError as error:
         context.abort(getattr(grpc.StatusCode, error.code), str(error))
+    finally:
+        on_end()
 
 
 def example_from_pb(message: pb.Example) -> Example:
@@ -67,6 +72,13 @@ class OwnerServicer(pb_grpc.ModelOwnerServicer):
     def __init__(self, service: OwnerService, store: Store):
         self.service = service
         self.store = store
+        self.streams = StreamSlots(service.limits.max_streams)
+
+    def take_stream_slot(self, tenant: str, context: grpc.ServicerContext) -> None:
+        try:
+            self.streams.acquire(tenant)
+        except LimitExceeded as error:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
 
     def authenticate(self, context: grpc.ServicerContext) -> str:
         """The tenant named by the bearer token, or else by the common name of a verified client certificate."""
@@ -83,6 +95,7 @@ class OwnerServicer(pb_grpc.ModelOwnerServicer):
                 grpc.StatusCode.UNAUTHENTICATED,
                 "a valid tenant token or client certificate is required (offsite-owner tenants add, certs init)",
             )
+        note_tenant(tenant)
         return tenant
 
     @rpc
@@ -105,6 +118,7 @@ class OwnerServicer(pb_grpc.ModelOwnerServicer):
         self, request_iterator: Iterator[pb.PushAdapterRequest], context: grpc.ServicerContext
     ) -> pb.PushAdapterResponse:
         tenant = self.authenticate(context)
+        self.take_stream_slot(tenant, context)
         try:
             first = next(request_iterator, None)
             if first is None or first.WhichOneof("part") != "header":
@@ -121,6 +135,8 @@ class OwnerServicer(pb_grpc.ModelOwnerServicer):
             result = self.service.push_adapter(tenant, header.emulator, files, chunks())
         except OwnerError as error:
             context.abort(getattr(grpc.StatusCode, error.code), str(error))
+        finally:
+            self.streams.release(tenant)
         return pb.PushAdapterResponse(
             adapter_id=result.adapter_id,
             method=result.method,

@@ -24,6 +24,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from ..common.signing import load_or_create_private_key
+from .limits import TenantLimits
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS tenants (
@@ -141,14 +142,32 @@ class Store:
     def adapter_dir(self, adapter_id: str) -> Path:
         return self.root / "adapters" / adapter_id
 
-    def commit_adapter(self, tenant: str, staged: Path, record: AdapterRecord) -> bool:
-        """Moves a validated staging directory into place and registers it; False if the tenant had it already."""
+    def usage(self, tenant: str) -> tuple[int, int]:
+        """How many adapters the tenant holds, and their bytes."""
+        with self._lock:
+            return self._usage(tenant)
+
+    def _usage(self, tenant: str) -> tuple[int, int]:
+        row = self._db.execute("SELECT COUNT(*), COALESCE(SUM(bytes), 0) FROM adapters WHERE tenant = ?", (tenant,))
+        count, total = row.fetchone()
+        return int(count), int(total)
+
+    def commit_adapter(
+        self, tenant: str, staged: Path, record: AdapterRecord, limits: TenantLimits | None = None
+    ) -> bool:
+        """Moves a validated staging directory into place and registers it; False if the tenant had it already.
+
+        The quota is checked again here, under the lock, so concurrent pushes cannot pass it together.
+        """
         for path in staged.iterdir():
             with path.open("rb") as handle:
                 os.fsync(handle.fileno())
         fsync_directory(staged)
         final = self.adapter_dir(record.id)
         with self._lock:
+            held = self._db.execute("SELECT 1 FROM adapters WHERE tenant = ? AND id = ?", (tenant, record.id))
+            if limits is not None and held.fetchone() is None:
+                limits.check_quota(tenant, *self._usage(tenant), record.bytes)
             if not final.exists():
                 staged.rename(final)
                 fsync_directory(final.parent)

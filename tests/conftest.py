@@ -31,6 +31,14 @@ TINY_LAYOUT = "1-2-1"
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True)
+def client_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Each test's client config (pinned owner keys) lives in its own directory, never in the real home."""
+    home = tmp_path / "client-home"
+    monkeypatch.setenv("OFFSITE_HOME", str(home))
+    return home
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory):
     made: dict[str, Path] = {}

@@ -15,15 +15,21 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from safetensors.torch import load, save
 
-from offsite.client.connection import RemoteError
+from offsite.client.connection import Remote, RemoteError
 from offsite.client.evaluation import evaluate_remote
 from offsite.client.pull import pull_emulator
 from offsite.client.push import push_adapter
 from offsite.client.training import train_adapter
 from offsite.client.training.config import TrainConfig
+from offsite.common.model_loading import load_model
 from offsite.common.rpc import pb
 from offsite.common.scoring import evaluate
 from offsite.owner.adapters.plugin import plug
+from offsite.owner.emulator import EmulatorSpec
+from offsite.owner.limits import LimitExceeded, StreamSlots, TenantLimits
+from offsite.owner.server import start_server
+from offsite.owner.service import OwnerService
+from offsite.owner.store import Store
 
 EMULATOR = "uniform-1-2-1"
 
@@ -210,3 +216,85 @@ def test_model_card(owner: InProcessOwner) -> None:
     stored = owner.service.emulators[EMULATOR].manifest["report_card"]
     assert report.windows > 0 and report.perplexity == pytest.approx(stored["perplexity"])
     assert report.perplexity_ratio == pytest.approx(report.perplexity / report.full_perplexity, rel=1e-3)
+
+
+def test_every_rpc_is_audited_without_payloads(owner: InProcessOwner, trained: Path) -> None:
+    with owner.remote() as remote:
+        remote.model_card()
+        pushed = push_adapter(remote, trained, show_progress=False)
+        list(remote.generate(pb.GenerateRequest(adapter_id=pushed.adapter_id, prompt="Review: fine", max_new_tokens=2)))
+    with owner.remote(token="ofs_not_a_token") as stranger, pytest.raises(RemoteError):
+        stranger.list_adapters()
+    lines = [json.loads(line) for line in (owner.store.root / "audit.jsonl").read_text().splitlines()]
+    by_method = {line["method"].rsplit("/", 1)[1]: line for line in lines}
+    assert by_method["GetModelCard"]["status"] == "OK" and by_method["GetModelCard"]["tenant"] == "alice"
+    push = by_method["PushAdapter"]
+    adapter_bytes = sum(p.stat().st_size for p in trained.iterdir())
+    assert push["status"] == "OK" and adapter_bytes < push["bytes_in"] < adapter_bytes + 4096, push
+    assert by_method["Generate"]["bytes_out"] > 0 and by_method["Generate"]["status"] == "OK"
+    refused = by_method["ListAdapters"]
+    assert refused["status"] == "UNAUTHENTICATED" and refused["tenant"] is None
+    assert all(
+        set(line) == {"time", "tenant", "method", "peer", "bytes_in", "bytes_out", "status", "duration_ms"}
+        for line in lines
+    )
+    text = (owner.store.root / "audit.jsonl").read_text()
+    assert owner.token not in text and "ofs_not_a_token" not in text and "Review: fine" not in text
+
+
+def test_tenant_quotas_refuse_a_push_with_resource_exhausted_and_keep_no_trace(
+    owner: InProcessOwner, trained: Path, tmp_path: Path
+) -> None:
+    other = tmp_path / "other-adapter"
+    train_adapter(
+        tmp_path / "emulator",
+        sentiment_examples(8),
+        TrainConfig(epochs=1, learning_rate=3e-3),
+        other,
+        show_progress=False,
+    )
+    owner.service.limits = TenantLimits(max_adapters=1)
+    with owner.remote() as remote:
+        first = push_adapter(remote, trained, show_progress=False)
+        assert push_adapter(remote, trained, show_progress=False).already_stored  # a re-push costs no quota
+        with pytest.raises(RemoteError) as full:
+            push_adapter(remote, other, show_progress=False)
+        assert full.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "holds 1 adapters, its quota is 1" in str(full.value)
+        assert [a.adapter_id for a in remote.list_adapters().adapters] == [first.adapter_id]
+        assert list((owner.store.root / "tmp").iterdir()) == []
+        remote.delete_adapter(first.adapter_id)
+        owner.service.limits = TenantLimits(max_bytes=1000)
+        with pytest.raises(RemoteError) as too_big:
+            push_adapter(remote, other, show_progress=False)
+        assert too_big.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "quota of 1000 bytes" in str(too_big.value)
+        assert owner.store.list_adapters("alice") == []
+
+
+def test_streams_over_the_tenant_limit_are_refused(tiny_model_dir, tmp_path: Path) -> None:
+    store = Store(tmp_path / "limited")
+    token = store.add_tenant("alice")
+    limits = TenantLimits(max_streams=0)
+    service = OwnerService(
+        load_model(str(tiny_model_dir("llama"))), store, [EmulatorSpec.parse("uniform:1-2-1")], limits=limits
+    )
+    server, port = start_server(service, store, "127.0.0.1:0")
+    try:
+        with Remote(f"127.0.0.1:{port}", token) as remote:
+            assert remote.model_card().emulators  # unary calls are not streams
+            with pytest.raises(RemoteError) as refused:
+                list(remote.generate(pb.GenerateRequest(prompt="hi", max_new_tokens=1)))
+            assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "the limit is 0" in str(refused.value)
+    finally:
+        server.stop(None)
+        store.close()
+
+
+def test_stream_slots_count_per_tenant_and_free_on_release() -> None:
+    slots = StreamSlots(2)
+    slots.acquire("alice")
+    with slots.held("alice"):
+        with pytest.raises(LimitExceeded, match="already has 2 streaming calls"):
+            slots.acquire("alice")
+        slots.acquire("bob")  # another tenant has its own count
+    slots.acquire("alice")
