@@ -1,0 +1,124 @@
+"""Privacy on the wire: every byte the data owner sends during pull → train → push is recorded by a client
+interceptor, and none of it carries a training example's text or a run of its token ids.
+
+The control: a remote evaluation sends its examples to the owner by design, and the same detector finds them there,
+so a silent detector cannot pass the test.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+from conftest import InProcessOwner
+from transformers import AutoTokenizer
+
+from offsite.client.evaluation import evaluate_remote
+from offsite.client.pull import pull_emulator
+from offsite.client.push import push_adapter
+from offsite.client.training import train_adapter
+from offsite.client.training.config import TrainConfig
+from offsite.common.examples import Example
+from offsite.common.rpc import pb_grpc
+
+RUN = 4  # consecutive token ids that count as a leak
+
+
+class Recorder(
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+    grpc.StreamStreamClientInterceptor,
+):
+    """Keeps the serialized bytes of every request message the client sends."""
+
+    def __init__(self) -> None:
+        self.sent = bytearray()
+
+    def _record(self, request: Any) -> None:
+        self.sent += request.SerializeToString()
+
+    def _records(self, requests: Iterator[Any]) -> Iterator[Any]:
+        for request in requests:
+            self._record(request)
+            yield request
+
+    def intercept_unary_unary(self, continuation, details, request):  # type: ignore[no-untyped-def]
+        self._record(request)
+        return continuation(details, request)
+
+    def intercept_unary_stream(self, continuation, details, request):  # type: ignore[no-untyped-def]
+        self._record(request)
+        return continuation(details, request)
+
+    def intercept_stream_unary(self, continuation, details, requests):  # type: ignore[no-untyped-def]
+        return continuation(details, self._records(requests))
+
+    def intercept_stream_stream(self, continuation, details, requests):  # type: ignore[no-untyped-def]
+        return continuation(details, self._records(requests))
+
+
+def _private_examples() -> list[Example]:
+    pets = ["marmalade", "biscuit", "pepperoni", "quillon", "zephyrine", "tamsworth"]
+    return [
+        Example(
+            prompt=f"Diary {i}: my cat {pets[i % 6]} hid the spare key under flowerpot {i * 7}\nMood:",
+            completion=" positive" if i % 2 else " negative",
+            choices=(" negative", " positive"),
+        )
+        for i in range(16)
+    ]
+
+
+def _leaks(sent: bytes, examples: list[Example], tokenizer: Any) -> list[str]:
+    found = []
+    for example in examples:
+        for text in (example.prompt, example.prompt.split(":", 1)[1].strip()):
+            if text.encode() in sent:
+                found.append(f"text {text!r}")
+        ids = tokenizer(example.prompt, add_special_tokens=False)["input_ids"]
+        for start in range(len(ids) - RUN + 1):
+            window = ids[start : start + RUN]
+            packings = {
+                "int32": struct.pack(f"<{RUN}i", *window),
+                "int64": struct.pack(f"<{RUN}q", *window),
+                "varint": b"".join(_varint(i) for i in window),
+            }
+            found += [f"token ids {window} as {kind}" for kind, packed in packings.items() if packed in sent]
+    return found
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def test_pull_train_push_sends_no_example_text_or_token_ids(owner: InProcessOwner, tmp_path: Path) -> None:
+    examples = _private_examples()
+    recorder = Recorder()
+    with owner.remote() as remote:
+        remote.stub = pb_grpc.ModelOwnerStub(grpc.intercept_channel(remote.channel, recorder))
+        pull_emulator(remote, tmp_path / "emulator", show_progress=False)
+        adapter = tmp_path / "adapter"
+        config = TrainConfig(epochs=1, learning_rate=1e-2)
+        train_adapter(tmp_path / "emulator", examples, config, adapter, show_progress=False)
+        push_adapter(remote, adapter, show_progress=False)
+        tokenizer = AutoTokenizer.from_pretrained(tmp_path / "emulator")
+        assert len(recorder.sent) > (adapter / "adapter_model.safetensors").stat().st_size, "the push was recorded"
+        assert _leaks(bytes(recorder.sent), examples, tokenizer) == []
+
+        control = Recorder()
+        remote.stub = pb_grpc.ModelOwnerStub(grpc.intercept_channel(remote.channel, control))
+        evaluate_remote(remote, examples[:2], show_progress=False)
+    leaks = _leaks(bytes(control.sent), examples[:2], tokenizer)
+    assert any(leak.startswith("text") for leak in leaks), "the detector finds text that is sent"
+    ids = tokenizer(examples[0].prompt, add_special_tokens=False)["input_ids"][:RUN]
+    planted = b"header" + struct.pack(f"<{RUN}q", *ids) + b"".join(_varint(i) for i in ids)
+    assert {leak.rsplit(" as ", 1)[1] for leak in _leaks(planted, examples[:1], tokenizer)} >= {"int64", "varint"}
