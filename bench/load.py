@@ -41,6 +41,7 @@ from offsite.owner.store import Store
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_DATA = ROOT / "client" / "data"
 RESULTS = ROOT / "bench" / "results" / "load"
+WHOLE_PULL = "PullArtifact (every file of the emulator)"
 
 
 class Stats:
@@ -74,7 +75,7 @@ def client_loop(address: str, token: str, adapter: Path, examples: list, until: 
         while time.monotonic() < until:
             try:
                 stats.timed("GetModelCard", remote.model_card)
-                stats.timed("PullArtifact (every file of the emulator)", pull_emulator, remote, target, show_progress=False)
+                stats.timed(WHOLE_PULL, pull_emulator, remote, target, show_progress=False)
                 pushed = stats.timed("PushAdapter", push_adapter, remote, adapter, show_progress=False)
                 stats.timed("Evaluate", evaluate_remote, remote, examples, pushed.adapter_id, show_progress=False)
                 stats.timed("ListAdapters", remote.list_adapters)
