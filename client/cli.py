@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -12,13 +13,17 @@ from ..common.contract import DEFAULT_EMULATOR
 from ..common.examples import DataError, read_jsonl
 from ..common.manifest import BundleError
 from ..common.memory import peak_rss_bytes
+from ..common.pema.config import SCHEDULES, PemaConfig
 from ..common.rpc import pb
 from .connection import ClientTls, Remote, RemoteError
 from .evaluation import evaluate_local, evaluate_remote
-from .pull import OwnerKeyMismatch, pull_emulator
+from .memory import build_memory_local, build_memory_remote
+from .pema_generation import generate_remote_pema
+from .pull import OwnerKeyMismatch, pull_emulator, pull_head
 from .push import push_adapter
 from .training import train_adapter
 from .training.config import TrainConfig
+from .training.pema import train_pema_bundle
 from .trust import KnownOwners
 
 MiB = 1024 * 1024
@@ -35,7 +40,10 @@ def cmd_pull(args: argparse.Namespace) -> None:
     pinned = args.owner_key or known.expected(args.server)
     with _remote(args) as remote:
         try:
-            result = pull_emulator(remote, Path(args.out), args.emulator, pinned)
+            if args.head:
+                result = pull_head(remote, Path(args.out), pinned)
+            else:
+                result = pull_emulator(remote, Path(args.out), args.emulator, pinned)
         except OwnerKeyMismatch as error:
             if args.owner_key:
                 raise
@@ -48,6 +56,13 @@ def cmd_pull(args: argparse.Namespace) -> None:
         print(
             f"trusting owner key {result['owner_public_key']} on first use (recorded in {known.path})", file=sys.stderr
         )
+    if args.head:
+        emit(
+            {"ok": True, **result},
+            args.json,
+            f"pulled the head artifact into {result['out']}; signature and {len(result['files'])} file hashes verified",
+        )
+        return
     emit(
         {"ok": True, **result},
         args.json,
@@ -62,12 +77,38 @@ def cmd_pull(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_train_pema(args: argparse.Namespace) -> None:
+    if not args.memory or not args.head:
+        raise ValueError(
+            "--method pema needs --memory DIR (offsite memory build) and --head DIR (a pulled head or emulator)"
+        )
+    config = PemaConfig(
+        rank=args.pema_rank,
+        kappa=args.kappa,
+        lr=args.lr or PemaConfig.lr,
+        max_epochs=int(args.epochs) if args.epochs is not None else PemaConfig.max_epochs,
+        lambda_max=args.lambda_max,
+        schedule=args.schedule,
+        seed=args.seed,
+    )
+    result = train_pema_bundle(Path(args.memory), Path(args.head), config, Path(args.out), args.owner_key)
+    emit(
+        {"ok": True, **result, "peak_rss_bytes": peak_rss_bytes()},
+        args.json,
+        f"trained a PEMA adapter on {result['memory_rows']:,} memory rows in {result['seconds']:.1f} s: validation "
+        f"cross-entropy {result['validation_ce']:.4f}; {result['parameters']:,} parameters written to {args.out}",
+    )
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     if args.method == "pema":
-        raise ValueError("--method pema is not available yet; use lora or full")
+        cmd_train_pema(args)
+        return
+    if not args.emulator or not args.data:
+        raise ValueError(f"--method {args.method} needs --emulator DIR and --data FILE")
     config = TrainConfig(
         method=args.method,
-        epochs=args.epochs,
+        epochs=args.epochs if args.epochs is not None else 1.0,
         learning_rate=args.lr,
         batch_size=args.batch_size,
         max_length=args.max_length,
@@ -139,26 +180,65 @@ def cmd_eval(args: argparse.Namespace) -> None:
     emit({"ok": True, **report}, args.json, _format_report(report))
 
 
-def cmd_generate(args: argparse.Namespace) -> None:
+def _pieces(args: argparse.Namespace, remote: Remote) -> Iterator[str]:
+    if args.adapter:  # PEMA here, the owner's model through Represent
+        if not args.head:
+            raise ValueError("--adapter (a local PEMA bundle) needs --head DIR")
+        steps = generate_remote_pema(
+            remote, Path(args.adapter), Path(args.head), args.prompt, args.max_new_tokens, args.planned_length
+        )
+        return (text for _, text in steps)
     request = pb.GenerateRequest(
         adapter_id=args.adapter_id or "",
         prompt=args.prompt,
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
         seed=args.seed,
+        planned_length=args.planned_length or 0,
     )
+    return (event.text for event in remote.generate(request) if event.text)
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
     pieces: list[str] = []
     with _remote(args) as remote:
-        for event in remote.generate(request):
-            if event.text:
-                pieces.append(event.text)
-                if not args.json:
-                    print(event.text, end="", flush=True)
+        for piece in _pieces(args, remote):
+            pieces.append(piece)
+            if not args.json:
+                print(piece, end="", flush=True)
     if not args.json:
         print()
     text = "".join(pieces)
     if args.json:
         emit({"ok": True, "text": text, "adapter_id": args.adapter_id or ""}, True, text)
+
+
+def cmd_memory_build(args: argparse.Namespace) -> None:
+    if bool(args.server) == bool(args.emulator):
+        raise ValueError("give --server ADDR (the owner computes f(c)) or --emulator DIR (computed here), one of them")
+    examples = read_jsonl(Path(args.data), args.limit)
+    out = Path(args.out)
+    if args.emulator:
+        memory = build_memory_local(Path(args.emulator), examples, out, args.dtype, args.max_length, args.owner_key)
+        where = f"the emulator {args.emulator}, on this machine; nothing was sent"
+    else:
+        if not args.yes:
+            raise ValueError(
+                f"--server sends the token ids of all {len(examples)} examples (prompts and completions) to the "
+                "owner, who could read them. Pass --yes to agree, or use --emulator DIR to keep them here."
+            )
+        print(f"sending the token ids of {len(examples)} examples to {args.server}", file=sys.stderr)
+        with _remote(args) as remote:
+            head = Path(args.head) if args.head else out.with_name(out.name + "-head")
+            if not args.head:
+                pull_head(remote, head, args.owner_key)
+            memory = build_memory_remote(remote, head, examples, out, args.dtype, args.max_length, args.owner_key)
+        where = f"the owner at {args.server} (your token ids were sent)"
+    emit(
+        {"ok": True, "out": str(out), "rows": len(memory), "hidden_size": memory.hidden_size, **memory.info},
+        args.json,
+        f"memory of {len(memory):,} (f(c), next token) rows, hidden size {memory.hidden_size}, from {where}: {out}",
+    )
 
 
 def cmd_adapters(args: argparse.Namespace) -> None:
@@ -214,13 +294,38 @@ def parser() -> argparse.ArgumentParser:
     )
     pull.set_defaults(handler=cmd_pull)
 
+    pull.add_argument("--head", action="store_true", help="pull the LM head + final norm + tokenizer (for PEMA)")
+
+    memory = commands.add_parser("memory", help="PEMA's external memory").add_subparsers(dest="action", required=True)
+    memory_build = memory.add_parser("build", help="(f(c), next token) pairs from the owner or the emulator")
+    memory_build.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    memory_build.add_argument("--server", help="the owner computes f(c): your contexts' token ids go to it")
+    memory_build.add_argument("--yes", action="store_true", help="with --server: agree to send the token ids")
+    memory_build.add_argument("--head", help="with --server: a pulled head (default: pull it into OUT-head)")
+    memory_build.add_argument("--emulator", help="the pulled emulator computes f(c) here; nothing leaves (hybrid)")
+    memory_build.add_argument("--data", required=True, help="JSONL of {prompt, completion}")
+    memory_build.add_argument("--out", required=True)
+    memory_build.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="of the keys")
+    memory_build.add_argument("--limit", type=int)
+    memory_build.add_argument("--max-length", type=int, default=256)
+    memory_build.add_argument("--owner-key", help="pinned owner key the bundles must be signed by")
+    for flag, text in (("--token", "tenant token"), ("--ca", "TLS CA"), ("--cert", "mTLS cert"), ("--key", "mTLS key")):
+        memory_build.add_argument(flag, help=text)
+    memory_build.set_defaults(handler=cmd_memory_build)
+
     train = add("train", "train an adapter on the emulator, locally")
-    train.add_argument("--emulator", required=True)
-    train.add_argument("--data", required=True, help="JSONL of {prompt, completion} or {text}")
+    train.add_argument("--emulator", help="lora/full: the pulled emulator")
+    train.add_argument("--data", help="lora/full: JSONL of {prompt, completion} or {text}")
     train.add_argument("--method", choices=["lora", "full", "pema"], default="lora")
+    train.add_argument("--memory", help="pema: a memory from `offsite memory build`")
+    train.add_argument("--head", help="pema: a pulled head (`pull --head`) or the emulator")
+    train.add_argument("--pema-rank", type=int, default=PemaConfig.rank)
+    train.add_argument("--kappa", type=float, default=PemaConfig.kappa, help="pema: weight of reconstruction")
+    train.add_argument("--lambda-max", type=float, default=PemaConfig.lambda_max)
+    train.add_argument("--schedule", choices=SCHEDULES, default=PemaConfig.schedule, help="pema: λ over the output")
     train.add_argument("--out", required=True)
-    train.add_argument("--epochs", type=float, default=1.0)
-    train.add_argument("--lr", type=float, help="learning rate (default: 5e-4 for lora, 3e-5 for full)")
+    train.add_argument("--epochs", type=float, help="default 1 (lora/full), at most 20 with early stopping (pema)")
+    train.add_argument("--lr", type=float, help="learning rate (default: 5e-4 lora, 3e-5 full, 1e-3 pema)")
     train.add_argument("--batch-size", type=int, default=8)
     train.add_argument("--max-length", type=int, default=256)
     train.add_argument("--limit", type=int)
@@ -252,6 +357,13 @@ def parser() -> argparse.ArgumentParser:
     generate.add_argument("--max-new-tokens", type=int, default=64)
     generate.add_argument("--temperature", type=float, default=0.0)
     generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument(
+        "--adapter", help="a local PEMA bundle: generate here, asking the owner only for f(x) and P_LM each step"
+    )
+    generate.add_argument("--head", help="with --adapter: the pulled head")
+    generate.add_argument(
+        "--planned-length", type=int, help="PEMA: L of Gradual Unrolling (default: --max-new-tokens, never the answer)"
+    )
     generate.set_defaults(handler=cmd_generate)
 
     adapters = add("adapters", "list or delete your adapters on the owner", remote=True)

@@ -114,6 +114,9 @@ class Remote:
     def generate(self, request: pb.GenerateRequest) -> Iterator[pb.GenerateEvent]:
         return self._stream(self.stub.Generate, request)
 
+    def represent(self, requests: Iterator[pb.RepresentRequest]) -> Iterator[pb.RepresentResponse]:
+        return self._stream(self.stub.Represent, requests)
+
     def list_adapters(self) -> pb.ListAdaptersResponse:
         return self._unary(self.stub.ListAdapters, pb.ListAdaptersRequest())
 

@@ -70,28 +70,65 @@ def _download(remote: Remote, artifact: str, name: str, target: Path, bar: tqdm)
     partial.replace(target)
 
 
-def pull_emulator(
-    remote: Remote, out: Path, emulator: str | None = None, owner_key: str | None = None, show_progress: bool = True
+def _pull_files(
+    remote: Remote,
+    card: pb.ModelCard,
+    artifact: str,
+    files: list[str],
+    total: int,
+    out: Path,
+    owner_key: str | None,
+    show_progress: bool,
 ) -> dict[str, Any]:
-    card = remote.model_card()
-    if owner_key is not None and card.owner_public_key != owner_key:
-        raise OwnerKeyMismatch(f"the owner presents key {card.owner_public_key}, but the pinned key is {owner_key}")
-    offer = choose_offer(card, emulator)
+    """Downloads every file of one artifact into `out`, then verifies the signed manifest and every hash."""
     out.mkdir(parents=True, exist_ok=True)
-    with tqdm(total=offer.bytes, unit="B", unit_scale=True, desc=f"pull {offer.id}", disable=not show_progress) as bar:
-        for name in offer.files:
+    with tqdm(total=total, unit="B", unit_scale=True, desc=f"pull {artifact}", disable=not show_progress) as bar:
+        for name in files:
             if Path(name).name != name or name.startswith("."):
                 raise BundleError(f"the owner offered an unsafe file name {name!r}")
             target = out / name
             partial = target.with_name(name + PARTIAL_SUFFIX)
             if target.exists() and not partial.exists():
                 target.unlink()  # a previous complete pull: fetch afresh rather than trust it
-            _download(remote, offer.id, name, target, bar)
+            _download(remote, artifact, name, target, bar)
     try:
-        manifest = verify_bundle(out, owner_key or card.owner_public_key)
+        return verify_bundle(out, owner_key or card.owner_public_key)
     except BundleError:
         shutil.rmtree(out, ignore_errors=True)
         raise
+
+
+def _model_card(remote: Remote, owner_key: str | None) -> pb.ModelCard:
+    card = remote.model_card()
+    if owner_key is not None and card.owner_public_key != owner_key:
+        raise OwnerKeyMismatch(f"the owner presents key {card.owner_public_key}, but the pinned key is {owner_key}")
+    return card
+
+
+def pull_head(remote: Remote, out: Path, owner_key: str | None = None, show_progress: bool = True) -> dict[str, Any]:
+    """The LM head, true final norm and tokenizer, for training PEMA on representations."""
+    card = _model_card(remote, owner_key)
+    if not card.head.id:
+        raise ValueError("this owner offers no head artifact (it predates PEMA)")
+    manifest = _pull_files(
+        remote, card, card.head.id, list(card.head.files), card.head.bytes, out, owner_key, show_progress
+    )
+    return {
+        "artifact": card.head.id,
+        "out": str(out),
+        "bytes": card.head.bytes,
+        "files": list(card.head.files),
+        "owner_public_key": card.owner_public_key,
+        "base_fingerprint": manifest["base_fingerprint"],
+    }
+
+
+def pull_emulator(
+    remote: Remote, out: Path, emulator: str | None = None, owner_key: str | None = None, show_progress: bool = True
+) -> dict[str, Any]:
+    card = _model_card(remote, owner_key)
+    offer = choose_offer(card, emulator)
+    manifest = _pull_files(remote, card, offer.id, list(offer.files), offer.bytes, out, owner_key, show_progress)
     return {
         "emulator": offer.id,
         "out": str(out),

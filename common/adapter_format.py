@@ -9,7 +9,9 @@ from .architectures import ArchitectureSpec
 
 LORA = "lora"
 FULL = "full"
-METHODS = (LORA, FULL)
+PEMA = "pema"
+METHODS = (LORA, FULL, PEMA)
+EMULATOR_METHODS = (LORA, FULL)  # trained inside an emulator's adapter blocks
 
 # PEFT prefixes the wrapped model's own key names with this when it saves an adapter.
 PEFT_PREFIX = "base_model.model."

@@ -13,9 +13,14 @@ MAX_MESSAGE_BYTES = 8 * MiB  # gRPC send/receive cap; a chunk plus framing fits 
 MAX_ADAPTER_BYTES = 256 * MiB
 MAX_ADAPTER_FILES = 8
 MAX_LORA_RANK = 256
-ADAPTER_FILE_NAMES = frozenset({"adapter_config.json", "adapter_model.safetensors", "offsite.json"})
+ADAPTER_FILE_NAMES = frozenset(
+    {"adapter_config.json", "adapter_model.safetensors", "pema_config.json", "pema_model.safetensors", "offsite.json"}
+)
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
 ADAPTER_CONFIG_FILE = "adapter_config.json"
+PEMA_WEIGHTS_FILE = "pema_model.safetensors"
+PEMA_CONFIG_FILE = "pema_config.json"
+MAX_PEMA_RANK = 4096
 FLOAT_DTYPES = frozenset({"F32", "F16", "BF16"})
 
 # Per-tenant limits (owner defaults; `serve` flags override them)
@@ -33,10 +38,21 @@ MAX_EXAMPLE_CHARS = 20_000
 MAX_NEW_TOKENS = 1024
 DEFAULT_MAX_LENGTH = 256
 
+# Represent (PEMA)
+HEAD_ARTIFACT = "head"
+MAX_REPRESENT_TOKENS = 2048  # per request
+REPRESENT_DTYPES = ("float32", "float16", "bfloat16")
+REPRESENT_LOG_PROBS = ("", "full", "top_k")
+MAX_TOP_K = 1000
+REPRESENT_BATCH = 16  # requests from all streams folded into one forward
+REPRESENT_WINDOW_SECONDS = 0.002  # how long the batcher waits for company
+REPRESENT_TOKENS_PER_SECOND = 50_000  # per tenant, refused beyond
+
 # Bundles
 MANIFEST_NAME = "offsite.json"
 EMULATOR_FORMAT = "offsite.emulator/1"
 ADAPTER_FORMAT = "offsite.adapter/1"
+HEAD_FORMAT = "offsite.head/1"
 
 # Authentication
 TOKEN_METADATA_KEY = "authorization"

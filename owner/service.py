@@ -8,29 +8,41 @@ from __future__ import annotations
 import hashlib
 import logging
 import queue
+import shutil
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..common.adapter_format import PEMA
 from ..common.architectures import depth
 from ..common.contract import (
     ADAPTER_FILE_NAMES,
     CHUNK_BYTES,
+    HEAD_ARTIFACT,
+    HEAD_FORMAT,
     MANIFEST_NAME,
     MAX_ADAPTER_BYTES,
     MAX_ADAPTER_FILES,
     MAX_CHUNK_BYTES,
     MAX_EVAL_EXAMPLES,
     MAX_NEW_TOKENS,
+    MAX_REPRESENT_TOKENS,
+    MAX_TOP_K,
+    REPRESENT_DTYPES,
+    REPRESENT_LOG_PROBS,
 )
-from ..common.examples import DataError, Example
-from ..common.manifest import BundleError, read_manifest, verify_bundle
+from ..common.examples import DataError, Example, encode
+from ..common.manifest import BundleError, read_manifest, verify_bundle, write_manifest
 from ..common.model_loading import LoadedModel, fingerprint, tokenizer_sha256
+from ..common.pema.bundle import load_pema
+from ..common.pema.generation import decoded_increments, generate_pema
+from ..common.pema.head import Head
+from ..common.pema.representation import LocalRepresenter
 from ..common.scoring import EvaluationReport, evaluate
 from ..common.signing import canonical_json, public_key_hex
 from .adapters.plugin import plug
@@ -38,7 +50,8 @@ from .adapters.validation import AdapterRejected, Check, validate_adapter
 from .emulator import EmulatorSpec, build_emulator
 from .emulator.report_card import check_release
 from .generation import generate_stream
-from .limits import LimitExceeded, TenantLimits
+from .limits import LimitExceeded, TenantLimits, TokenRate
+from .representations import RepresentationBatcher, Represented
 from .store import Store, new_record
 
 log = logging.getLogger(__name__)
@@ -58,8 +71,9 @@ def invalid(message: str) -> OwnerError:
 
 
 @dataclass
-class Emulator:
-    spec: EmulatorSpec
+class Artifact:
+    """A signed bundle the owner offers through PullArtifact."""
+
     directory: Path
     manifest: dict[str, Any]
 
@@ -73,6 +87,11 @@ class Emulator:
     @property
     def files(self) -> list[str]:
         return [MANIFEST_NAME, *sorted(self.manifest["files"])]
+
+
+@dataclass
+class Emulator(Artifact):
+    spec: EmulatorSpec = field(kw_only=True)
 
 
 @dataclass
@@ -115,6 +134,9 @@ class OwnerService:
         self.eval_batch_size = eval_batch_size
         self.max_adapter_bytes = max_adapter_bytes
         self.emulators = {spec.id: self._prepare_emulator(spec) for spec in emulators}
+        self.head = self._prepare_head()
+        self.representations = RepresentationBatcher(loaded.model)
+        self.represent_rate = TokenRate(self.limits.represent_tokens_per_second)
         self._plugged: OrderedDict[str, torch.nn.Module] = OrderedDict()
         self._plug_lock = threading.Lock()
 
@@ -139,7 +161,33 @@ class OwnerService:
                 self.loaded.model, self.loaded.tokenizer, spec, directory, self.key, self.fingerprint, self.loaded.name
             )
         check_release(spec.id, manifest["report_card"], self.release_margin)
-        return Emulator(spec, directory, manifest)
+        return Emulator(directory, manifest, spec=spec)
+
+    def _prepare_head(self) -> Artifact:
+        """The LM head, true final norm and tokenizer as a signed bundle, written once per base model."""
+        directory = self.store.root / "heads" / self.fingerprint[:16]
+        if directory.is_dir():
+            try:
+                return Artifact(directory, verify_bundle(directory, self.public_key))
+            except BundleError as error:
+                log.warning("rewriting the head artifact: %s", error)
+        partial = directory.with_name(directory.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        Head.from_model(self.loaded.model).save(partial)
+        self.loaded.tokenizer.save_pretrained(partial)
+        body = {
+            "format": HEAD_FORMAT,
+            "base_model": self.loaded.name,
+            "base_fingerprint": self.fingerprint,
+            "architecture": self.loaded.model.config.model_type,
+        }
+        manifest = write_manifest(partial, body, self.key)
+        shutil.rmtree(directory, ignore_errors=True)
+        partial.rename(directory)
+        return Artifact(directory, manifest)
+
+    def artifacts(self) -> dict[str, Artifact]:
+        return {**self.emulators, HEAD_ARTIFACT: self.head}
 
     # GetModelCard
 
@@ -171,15 +219,17 @@ class OwnerService:
                 }
                 for e in self.emulators.values()
             ],
+            "head": {"id": HEAD_ARTIFACT, "bytes": self.head.bytes, "files": self.head.files},
         }
 
     # PullArtifact
 
     def artifact_chunks(self, artifact: str, name: str, offset: int) -> Iterator[tuple[int, bytes, int, str]]:
-        """(offset, data, file size, file sha256) for one file of an emulator, from `offset` on."""
-        emulator = self.emulators.get(artifact)
+        """(offset, data, file size, file sha256) for one file of an artifact, from `offset` on."""
+        offered = self.artifacts()
+        emulator = offered.get(artifact)
         if emulator is None:
-            raise OwnerError("NOT_FOUND", f"no artifact {artifact!r}; offered: {', '.join(sorted(self.emulators))}")
+            raise OwnerError("NOT_FOUND", f"no artifact {artifact!r}; offered: {', '.join(sorted(offered))}")
         if name not in emulator.files:
             raise OwnerError("NOT_FOUND", f"artifact {artifact} has no file {name!r}")
         path = emulator.directory / name
@@ -209,9 +259,9 @@ class OwnerService:
         self, tenant: str, emulator_id: str, files: list[tuple[str, int, str]], chunks: Iterator[tuple[str, int, bytes]]
     ) -> PushResult:
         """Receives the declared files into staging, checks sizes and hashes, validates, stores atomically."""
-        emulator = self.emulators.get(emulator_id)
+        emulator = self.artifacts().get(emulator_id)
         if emulator is None:
-            raise invalid(f"unknown emulator {emulator_id!r}; offered: {', '.join(sorted(self.emulators))}")
+            raise invalid(f"unknown emulator {emulator_id!r}; offered: {', '.join(sorted(self.artifacts()))}")
         declared = self._check_declared_files(files)
         adapter_id = hashlib.sha256(canonical_json({n: d[1] for n, d in declared.items()})).hexdigest()
         if self.store.get_adapter(tenant, adapter_id) is None:
@@ -295,6 +345,10 @@ class OwnerService:
         record = self.store.get_adapter(tenant, adapter_id)
         if record is None:
             raise OwnerError("NOT_FOUND", f"no adapter {adapter_id}")
+        if record.method == PEMA:
+            raise OwnerError(
+                "FAILED_PRECONDITION", "a PEMA adapter serves Generate; Evaluate scores LoRA and full ones"
+            )
         with self._plug_lock:
             if adapter_id in self._plugged:
                 self._plugged.move_to_end(adapter_id)
@@ -352,7 +406,14 @@ class OwnerService:
                 return
 
     def generate(
-        self, tenant: str, adapter_id: str, prompt: str, max_new_tokens: int, temperature: float, seed: int
+        self,
+        tenant: str,
+        adapter_id: str,
+        prompt: str,
+        max_new_tokens: int,
+        temperature: float,
+        seed: int,
+        planned_length: int = 0,
     ) -> Iterator[tuple[int, str]]:
         if not prompt:
             raise invalid("empty prompt")
@@ -360,8 +421,60 @@ class OwnerService:
             raise invalid(f"max_new_tokens must be in 1..{MAX_NEW_TOKENS}")
         if not 0 <= temperature <= 10:
             raise invalid("temperature must be in 0..10")
+        if not 0 <= planned_length <= MAX_NEW_TOKENS:
+            raise invalid(f"planned_length must be in 0..{MAX_NEW_TOKENS} (0: max_new_tokens)")
+        record = self.store.get_adapter(tenant, adapter_id) if adapter_id else None
+        if record is not None and record.method == PEMA:
+            return self._generate_pema(adapter_id, prompt, max_new_tokens, planned_length)
         model = self._model_for(tenant, adapter_id)
         return generate_stream(model, self.loaded.tokenizer, prompt, max_new_tokens, temperature, seed)
+
+    def _generate_pema(
+        self, adapter_id: str, prompt: str, max_new_tokens: int, planned_length: int
+    ) -> Iterator[tuple[int, str]]:
+        """Greedy, with Gradual Unrolling over the full model's own representations."""
+        adapter, config = load_pema(self.store.adapter_dir(adapter_id))
+        head = Head.from_model(self.loaded.model)
+        tokenizer = self.loaded.tokenizer
+        representer = LocalRepresenter(self.loaded.model)
+
+        def step(ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+            states, logits = representer.forward([ids])
+            return states[0][-1], torch.log_softmax(logits[0][-1], dim=-1)
+
+        prompt_ids = encode(tokenizer, prompt, special=True)
+        tokens = generate_pema(
+            step, adapter, head, config, prompt_ids, max_new_tokens, tokenizer.eos_token_id, planned_length or None
+        )
+        return decoded_increments(tokenizer, tokens)
+
+    # Represent
+
+    def represent(
+        self, tenant: str, ids: list[int], dtype: str, log_probs: str, top_k: int, last_only: bool
+    ) -> Represented:
+        """Hidden states (and log-probs) of one token sequence; the servicer encodes them for the wire."""
+        if not ids:
+            raise invalid("token_ids is empty")
+        if len(ids) > MAX_REPRESENT_TOKENS:
+            raise invalid(f"{len(ids)} tokens; at most {MAX_REPRESENT_TOKENS} per request")
+        vocab = int(self.loaded.model.config.vocab_size)
+        if min(ids) < 0 or max(ids) >= vocab:
+            raise invalid(f"token ids must lie in 0..{vocab - 1}")
+        if (dtype or "float32") not in REPRESENT_DTYPES:
+            raise invalid(f"dtype must be one of {', '.join(REPRESENT_DTYPES)}")
+        if log_probs not in REPRESENT_LOG_PROBS:
+            raise invalid("log_probs must be '', 'full' or 'top_k'")
+        if log_probs == "top_k" and not 1 <= top_k <= min(MAX_TOP_K, vocab):
+            raise invalid(f"top_k must be in 1..{min(MAX_TOP_K, vocab)}")
+        try:
+            self.represent_rate.take(tenant, len(ids))
+        except LimitExceeded as error:
+            raise OwnerError("RESOURCE_EXHAUSTED", str(error)) from None
+        result = self.representations.represent(ids)
+        if last_only:
+            return Represented(result.hidden[-1:], result.log_probs[-1:])
+        return result
 
     # ListAdapters / DeleteAdapter
 

@@ -9,14 +9,17 @@ from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import grpc
+import torch
 
 from ..common.contract import TOKEN_METADATA_KEY, TOKEN_SCHEME
 from ..common.examples import Example
 from ..common.memory import peak_rss_bytes
 from ..common.rpc import pb, pb_grpc
 from ..common.scoring import EvaluationReport
+from ..common.wire_tensors import WIRE_DTYPES, tensor_bytes
 from .audit import note_tenant
 from .limits import LimitExceeded, StreamSlots
+from .representations import Represented
 from .service import OwnerError, OwnerService, Progress
 from .store import Store
 
@@ -68,6 +71,25 @@ def report_to_pb(report: EvaluationReport) -> pb.EvaluationReport:
     )
 
 
+def encode_representation(result: Represented, dtype: str, log_probs: str, top_k: int) -> pb.RepresentResponse:
+    """Raw little-endian tensors: compact, and exact in float32 (the client decodes with `decode_tensor`)."""
+    positions, hidden_size = result.hidden.shape
+    response = pb.RepresentResponse(
+        positions=positions,
+        hidden_size=hidden_size,
+        dtype=dtype,
+        hidden=tensor_bytes(result.hidden.to(WIRE_DTYPES[dtype])),
+        vocab_size=result.log_probs.shape[-1],
+    )
+    if log_probs == "full":
+        response.log_probs = tensor_bytes(result.log_probs)
+    elif log_probs == "top_k":
+        values, indices = result.log_probs.topk(top_k, dim=-1)
+        response.top_k_ids = tensor_bytes(indices.to(torch.int32))
+        response.top_k_log_probs = tensor_bytes(values)
+    return response
+
+
 class OwnerServicer(pb_grpc.ModelOwnerServicer):
     def __init__(self, service: OwnerService, store: Store):
         self.service = service
@@ -105,7 +127,7 @@ class OwnerServicer(pb_grpc.ModelOwnerServicer):
             pb.EmulatorOffer(report_card=pb.ReportCard(**offer.pop("report_card")), **offer)
             for offer in card.pop("emulators")
         ]
-        return pb.ModelCard(emulators=offers, **card)
+        return pb.ModelCard(emulators=offers, head=pb.ArtifactOffer(**card.pop("head")), **card)
 
     @rpc
     def PullArtifact(
@@ -165,10 +187,31 @@ class OwnerServicer(pb_grpc.ModelOwnerServicer):
     ) -> Iterator[pb.GenerateEvent]:
         temperature = request.temperature if math.isfinite(request.temperature) else -1.0
         for token, text in self.service.generate(
-            tenant, request.adapter_id, request.prompt, request.max_new_tokens, temperature, request.seed
+            tenant,
+            request.adapter_id,
+            request.prompt,
+            request.max_new_tokens,
+            temperature,
+            request.seed,
+            request.planned_length,
         ):
             yield pb.GenerateEvent(text=text, token_id=token)
         yield pb.GenerateEvent(done=True)
+
+    def Represent(
+        self, request_iterator: Iterator[pb.RepresentRequest], context: grpc.ServicerContext
+    ) -> Iterator[pb.RepresentResponse]:
+        tenant = self.authenticate(context)
+        self.take_stream_slot(tenant, context)
+        return _guard_stream(self._represent(tenant, request_iterator), context, lambda: self.streams.release(tenant))
+
+    def _represent(self, tenant: str, requests: Iterator[pb.RepresentRequest]) -> Iterator[pb.RepresentResponse]:
+        for request in requests:
+            dtype = request.dtype or "float32"
+            result = self.service.represent(
+                tenant, list(request.token_ids), dtype, request.log_probs, request.top_k, request.last_only
+            )
+            yield encode_representation(result, dtype, request.log_probs, request.top_k)
 
     @rpc
     def ListAdapters(

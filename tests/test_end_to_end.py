@@ -97,3 +97,36 @@ def test_cli_explains_bad_input(tmp_path: Path) -> None:
         "pull", "--server", "127.0.0.1:1", "--out", str(tmp_path / "e"), check=False, env={"OFFSITE_TOKEN": ""}
     )
     assert code == 2 and "no tenant token" in result["error"]
+
+
+def test_pema_workflow_through_the_cli(tiny_model_dir, daemon, tmp_path: Path) -> None:
+    """pull --head → memory build (owner, then hybrid) → train --method pema → push → generate two ways."""
+    address, token = daemon(tiny_model_dir("llama"))
+    env = {"OFFSITE_TOKEN": token}
+    data = write_jsonl(sentiment_examples(12), tmp_path / "train.jsonl")
+    head, emulator = tmp_path / "head", tmp_path / "emulator"
+    cli("pull", "--server", address, "--head", "--out", str(head), env=env)
+    cli("pull", "--server", address, "--out", str(emulator), env=env)
+    memory_args = ["memory", "build", "--data", str(data), "--out", str(tmp_path / "memory")]
+    code, refused, _ = cli(*memory_args, "--server", address, env=env, check=False)
+    assert code == 2 and "--yes" in refused["error"], "the owner sees the token ids: the CLI asks first"
+    _, built, stderr = cli(*memory_args, "--server", address, "--yes", "--head", str(head), env=env)
+    assert built["rows"] > 12 and built["source"] == "owner" and "sending the token ids" in stderr
+    _, hybrid, _ = cli(
+        "memory", "build", "--emulator", str(emulator), "--data", str(data), "--out", str(tmp_path / "h")
+    )
+    assert hybrid["rows"] == built["rows"] and hybrid["source"].startswith("emulator")
+
+    pema = ["--method", "pema", "--pema-rank", "8", "--epochs", "2"]
+    _, trained, _ = cli(
+        "train", *pema, "--memory", str(tmp_path / "memory"), "--head", str(head), "--out", str(tmp_path / "p")
+    )
+    assert trained["method"] == "pema" and trained["memory_rows"] == built["rows"]
+    _, pushed, _ = cli("push", "--server", address, "--adapter", str(tmp_path / "p"), env=env)
+    assert pushed["method"] == "pema"
+    prompt = ["--prompt", "Review: great film 3\nSentiment:", "--max-new-tokens", "3"]
+    _, owner_side, _ = cli("generate", "--server", address, "--adapter-id", pushed["adapter_id"], *prompt, env=env)
+    _, here, _ = cli(
+        "generate", "--server", address, "--adapter", str(tmp_path / "p"), "--head", str(head), *prompt, env=env
+    )
+    assert owner_side["text"] == here["text"]

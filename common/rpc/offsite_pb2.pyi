@@ -41,7 +41,7 @@ class ReportCard(_message.Message):
     def __init__(self, perplexity: _Optional[float] = ..., full_perplexity: _Optional[float] = ..., perplexity_ratio: _Optional[float] = ..., windows: _Optional[int] = ...) -> None: ...
 
 class ModelCard(_message.Message):
-    __slots__ = ("model_name", "architecture", "depth", "hidden_size", "vocab_size", "tokenizer_sha256", "base_fingerprint", "emulators", "owner_public_key", "max_adapter_bytes", "chunk_bytes")
+    __slots__ = ("model_name", "architecture", "depth", "hidden_size", "vocab_size", "tokenizer_sha256", "base_fingerprint", "emulators", "owner_public_key", "max_adapter_bytes", "chunk_bytes", "head")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     DEPTH_FIELD_NUMBER: _ClassVar[int]
@@ -53,6 +53,7 @@ class ModelCard(_message.Message):
     OWNER_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
     MAX_ADAPTER_BYTES_FIELD_NUMBER: _ClassVar[int]
     CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    HEAD_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     architecture: str
     depth: int
@@ -64,7 +65,52 @@ class ModelCard(_message.Message):
     owner_public_key: str
     max_adapter_bytes: int
     chunk_bytes: int
-    def __init__(self, model_name: _Optional[str] = ..., architecture: _Optional[str] = ..., depth: _Optional[int] = ..., hidden_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., tokenizer_sha256: _Optional[str] = ..., base_fingerprint: _Optional[str] = ..., emulators: _Optional[_Iterable[_Union[EmulatorOffer, _Mapping]]] = ..., owner_public_key: _Optional[str] = ..., max_adapter_bytes: _Optional[int] = ..., chunk_bytes: _Optional[int] = ...) -> None: ...
+    head: ArtifactOffer
+    def __init__(self, model_name: _Optional[str] = ..., architecture: _Optional[str] = ..., depth: _Optional[int] = ..., hidden_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., tokenizer_sha256: _Optional[str] = ..., base_fingerprint: _Optional[str] = ..., emulators: _Optional[_Iterable[_Union[EmulatorOffer, _Mapping]]] = ..., owner_public_key: _Optional[str] = ..., max_adapter_bytes: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., head: _Optional[_Union[ArtifactOffer, _Mapping]] = ...) -> None: ...
+
+class ArtifactOffer(_message.Message):
+    __slots__ = ("id", "bytes", "files")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    FILES_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    bytes: int
+    files: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, id: _Optional[str] = ..., bytes: _Optional[int] = ..., files: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class RepresentRequest(_message.Message):
+    __slots__ = ("token_ids", "dtype", "log_probs", "top_k", "last_only")
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    LOG_PROBS_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    LAST_ONLY_FIELD_NUMBER: _ClassVar[int]
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    dtype: str
+    log_probs: str
+    top_k: int
+    last_only: bool
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., log_probs: _Optional[str] = ..., top_k: _Optional[int] = ..., last_only: _Optional[bool] = ...) -> None: ...
+
+class RepresentResponse(_message.Message):
+    __slots__ = ("positions", "hidden_size", "dtype", "hidden", "log_probs", "top_k_ids", "top_k_log_probs", "vocab_size")
+    POSITIONS_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    LOG_PROBS_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_IDS_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_LOG_PROBS_FIELD_NUMBER: _ClassVar[int]
+    VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
+    positions: int
+    hidden_size: int
+    dtype: str
+    hidden: bytes
+    log_probs: bytes
+    top_k_ids: bytes
+    top_k_log_probs: bytes
+    vocab_size: int
+    def __init__(self, positions: _Optional[int] = ..., hidden_size: _Optional[int] = ..., dtype: _Optional[str] = ..., hidden: _Optional[bytes] = ..., log_probs: _Optional[bytes] = ..., top_k_ids: _Optional[bytes] = ..., top_k_log_probs: _Optional[bytes] = ..., vocab_size: _Optional[int] = ...) -> None: ...
 
 class PullArtifactRequest(_message.Message):
     __slots__ = ("artifact", "file", "offset")
@@ -215,18 +261,20 @@ class Progress(_message.Message):
     def __init__(self, done: _Optional[int] = ..., total: _Optional[int] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("adapter_id", "prompt", "max_new_tokens", "temperature", "seed")
+    __slots__ = ("adapter_id", "prompt", "max_new_tokens", "temperature", "seed", "planned_length")
     ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    PLANNED_LENGTH_FIELD_NUMBER: _ClassVar[int]
     adapter_id: str
     prompt: str
     max_new_tokens: int
     temperature: float
     seed: int
-    def __init__(self, adapter_id: _Optional[str] = ..., prompt: _Optional[str] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
+    planned_length: int
+    def __init__(self, adapter_id: _Optional[str] = ..., prompt: _Optional[str] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., seed: _Optional[int] = ..., planned_length: _Optional[int] = ...) -> None: ...
 
 class GenerateEvent(_message.Message):
     __slots__ = ("text", "token_id", "done")

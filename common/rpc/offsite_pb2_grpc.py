@@ -59,6 +59,11 @@ class ModelOwnerStub:
                 request_serializer=offsite_dot_v1_dot_offsite__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=offsite_dot_v1_dot_offsite__pb2.GenerateEvent.FromString,
                 _registered_method=True)
+        self.Represent = channel.stream_stream(
+                '/offsite.v1.ModelOwner/Represent',
+                request_serializer=offsite_dot_v1_dot_offsite__pb2.RepresentRequest.SerializeToString,
+                response_deserializer=offsite_dot_v1_dot_offsite__pb2.RepresentResponse.FromString,
+                _registered_method=True)
         self.ListAdapters = channel.unary_unary(
                 '/offsite.v1.ModelOwner/ListAdapters',
                 request_serializer=offsite_dot_v1_dot_offsite__pb2.ListAdaptersRequest.SerializeToString,
@@ -109,6 +114,14 @@ class ModelOwnerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Represent(self, request_iterator, context):
+        """Final-layer representations (the last block's output, before the final norm) of token sequences, and
+        optionally next-token log-probs. Requests from every open stream are batched together on the server.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListAdapters(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -148,6 +161,11 @@ def add_ModelOwnerServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=offsite_dot_v1_dot_offsite__pb2.GenerateRequest.FromString,
                     response_serializer=offsite_dot_v1_dot_offsite__pb2.GenerateEvent.SerializeToString,
+            ),
+            'Represent': grpc.stream_stream_rpc_method_handler(
+                    servicer.Represent,
+                    request_deserializer=offsite_dot_v1_dot_offsite__pb2.RepresentRequest.FromString,
+                    response_serializer=offsite_dot_v1_dot_offsite__pb2.RepresentResponse.SerializeToString,
             ),
             'ListAdapters': grpc.unary_unary_rpc_method_handler(
                     servicer.ListAdapters,
@@ -295,6 +313,33 @@ class ModelOwner:
             '/offsite.v1.ModelOwner/Generate',
             offsite_dot_v1_dot_offsite__pb2.GenerateRequest.SerializeToString,
             offsite_dot_v1_dot_offsite__pb2.GenerateEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Represent(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/offsite.v1.ModelOwner/Represent',
+            offsite_dot_v1_dot_offsite__pb2.RepresentRequest.SerializeToString,
+            offsite_dot_v1_dot_offsite__pb2.RepresentResponse.FromString,
             options,
             channel_credentials,
             insecure,

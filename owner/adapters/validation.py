@@ -16,15 +16,22 @@ import torch
 from safetensors import SafetensorError, safe_open
 from transformers import PreTrainedModel
 
-from ...common.adapter_format import FULL, LORA, METHODS, full_key_pattern, lora_key_pattern
+from ...common.adapter_format import FULL, LORA, METHODS, PEMA, full_key_pattern, lora_key_pattern
 from ...common.architectures import is_conv1d, spec_for
 from ...common.contract import (
     ADAPTER_CONFIG_FILE,
     ADAPTER_WEIGHTS_FILE,
     FLOAT_DTYPES,
+    HEAD_ARTIFACT,
+    HEAD_FORMAT,
     MANIFEST_NAME,
     MAX_LORA_RANK,
+    MAX_PEMA_RANK,
+    PEMA_CONFIG_FILE,
+    PEMA_WEIGHTS_FILE,
 )
+from ...common.pema.bundle import pema_shapes
+from ...common.pema.config import PemaConfig
 
 # PEFT config fields that would widen what the adapter may change, or make PEFT import a named module.
 _FORBIDDEN_LORA_FIELDS = (
@@ -174,6 +181,46 @@ def _check_full(tensors: dict[str, torch.Tensor], full: PreTrainedModel, blocks:
     ]
 
 
+def _validate_pema(directory: Path, full: PreTrainedModel) -> ValidatedAdapter:
+    expected_files = {PEMA_WEIGHTS_FILE, PEMA_CONFIG_FILE, MANIFEST_NAME}
+    present = {p.name for p in directory.iterdir()}
+    if present != expected_files:
+        raise AdapterRejected(
+            f"a pema adapter consists of {', '.join(sorted(expected_files))}; got {', '.join(sorted(present))}"
+        )
+    raw = _read_json(directory / PEMA_CONFIG_FILE)
+    hidden_size = int(full.config.hidden_size)
+    rank = raw.get("rank")
+    if not isinstance(rank, int) or not 1 <= rank <= MAX_PEMA_RANK:
+        raise AdapterRejected(f"{PEMA_CONFIG_FILE}: rank must be an integer in 1..{MAX_PEMA_RANK}")
+    if raw.get("hidden_size") != hidden_size:
+        raise AdapterRejected(
+            f"{PEMA_CONFIG_FILE}: hidden_size {raw.get('hidden_size')!r}, the model has {hidden_size}"
+        )
+    known = set(PemaConfig.__dataclass_fields__)
+    try:
+        PemaConfig(**{k: v for k, v in raw.items() if k in known}).check()
+    except (TypeError, ValueError) as error:
+        raise AdapterRejected(f"{PEMA_CONFIG_FILE}: {error}") from None
+    tensors = _load_tensors(directory / PEMA_WEIGHTS_FILE)
+    expected = pema_shapes(hidden_size, rank)
+    if set(tensors) != set(expected):
+        raise AdapterRejected(f"{PEMA_WEIGHTS_FILE}: tensors must be exactly {', '.join(sorted(expected))}")
+    for name, shape in expected.items():
+        if tuple(tensors[name].shape) != shape:
+            raise AdapterRejected(
+                f"{PEMA_WEIGHTS_FILE}: {name} has shape {tuple(tensors[name].shape)}, expected {shape}"
+            )
+        if not torch.isfinite(tensors[name]).all():
+            raise AdapterRejected(f"{PEMA_WEIGHTS_FILE}: tensor {name} has NaN or infinite values")
+    checks = [
+        Check("pema_config", True, f"r={rank}, hidden {hidden_size}"),
+        Check("shapes", True, "A, B_rct, B_pd match the model's hidden size"),
+        Check("finite", True, "no NaN or Inf"),
+    ]
+    return ValidatedAdapter(PEMA, sum(t.numel() for t in tensors.values()), checks)
+
+
 def validate_adapter(
     directory: Path, full: PreTrainedModel, emulator_manifest: dict[str, Any], base_fingerprint: str
 ) -> ValidatedAdapter:
@@ -184,6 +231,13 @@ def validate_adapter(
         raise AdapterRejected(f"{MANIFEST_NAME}: method must be one of {', '.join(METHODS)}, got {method!r}")
     if manifest.get("base_fingerprint") != base_fingerprint:
         raise AdapterRejected(f"{MANIFEST_NAME}: trained for another base model (fingerprint mismatch)")
+    is_head = emulator_manifest.get("format") == HEAD_FORMAT
+    if (method == PEMA) != is_head:
+        raise AdapterRejected(
+            f"a PEMA adapter is pushed for the {HEAD_ARTIFACT!r} artifact, a {method} adapter for an emulator"
+        )
+    if method == PEMA:
+        return _validate_pema(directory, full)
     weights = directory / ADAPTER_WEIGHTS_FILE
     if not weights.is_file():
         raise AdapterRejected(f"the upload has no {ADAPTER_WEIGHTS_FILE}")

@@ -1,0 +1,77 @@
+"""`offsite memory build`: the external memory of (f(c), next token) pairs, from the owner or from the emulator.
+
+- `--server`: the owner computes f(c) with the full model. The token ids of every context go to the owner.
+- `--emulator`: the pulled emulator computes it on this machine, and nothing leaves it (the hybrid).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from ..common.examples import Example
+from ..common.manifest import verify_bundle
+from ..common.pema.memory import Memory
+from ..common.pema.representation import LocalRepresenter, Representer, build_memory, teacher_forcing
+from .connection import Remote
+from .local_model import load_emulator
+from .representations import RemoteRepresenter
+
+
+def _build(
+    representer: Representer,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: list[Example],
+    out: Path,
+    dtype: str,
+    max_length: int,
+    info: dict[str, Any],
+    show_progress: bool,
+) -> Memory:
+    contexts = teacher_forcing(tokenizer, examples, max_length)
+    if not contexts:
+        raise ValueError("no example has a completion to remember")
+    with tqdm(total=len(contexts), desc="building memory", unit="ex", disable=not show_progress) as bar:
+        return build_memory(representer, contexts, out, dtype, {**info, "examples": len(contexts)}, progress=bar.update)
+
+
+def build_memory_remote(
+    remote: Remote,
+    head_dir: Path,
+    examples: list[Example],
+    out: Path,
+    dtype: str = "float16",
+    max_length: int = 256,
+    owner_key: str | None = None,
+    show_progress: bool = True,
+) -> Memory:
+    """Representations from the owner's full model; `head_dir` (a pulled head) supplies the tokenizer."""
+    manifest = verify_bundle(head_dir, owner_key)
+    card = remote.model_card()
+    if card.base_fingerprint != manifest["base_fingerprint"]:
+        raise ValueError(f"{head_dir} is the head of another model than the one this owner serves")
+    representer = RemoteRepresenter(remote, int(card.hidden_size))
+    info = {"source": "owner", "base_fingerprint": card.base_fingerprint, "contexts": "teacher forcing"}
+    tokenizer = AutoTokenizer.from_pretrained(head_dir)
+    return _build(representer, tokenizer, examples, out, dtype, max_length, info, show_progress)
+
+
+def build_memory_local(
+    emulator_dir: Path,
+    examples: list[Example],
+    out: Path,
+    dtype: str = "float16",
+    max_length: int = 256,
+    owner_key: str | None = None,
+    show_progress: bool = True,
+) -> Memory:
+    emulator, tokenizer, manifest = load_emulator(emulator_dir, owner_key)
+    info = {
+        "source": f"emulator {manifest['id']}",
+        "base_fingerprint": manifest["base_fingerprint"],
+        "contexts": "teacher forcing",
+    }
+    return _build(LocalRepresenter(emulator), tokenizer, examples, out, dtype, max_length, info, show_progress)

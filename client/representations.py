@@ -1,0 +1,39 @@
+"""The owner's representations over `Represent`: what `memory build --server` and remote PEMA generation use.
+
+Every token id sent here reaches the model owner: the CLI says so and asks for `--yes` before it starts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ..common.rpc import pb
+from ..common.wire_tensors import decode_tensor
+from .connection import Remote
+
+
+class RemoteRepresenter:
+    def __init__(self, remote: Remote, hidden_size: int, dtype: str = "float32"):
+        self.remote, self.hidden_size, self.dtype = remote, hidden_size, dtype
+
+    def _hidden(self, response: pb.RepresentResponse) -> torch.Tensor:
+        if response.hidden_size != self.hidden_size:
+            raise ValueError(f"the owner sent hidden size {response.hidden_size}, expected {self.hidden_size}")
+        shape = (response.positions, response.hidden_size)
+        return decode_tensor(response.hidden, response.dtype, shape).float()
+
+    def represent(self, sequences: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+        requests = (pb.RepresentRequest(token_ids=list(ids), dtype=self.dtype) for ids in sequences)
+        states = [self._hidden(response) for response in self.remote.represent(requests)]
+        if len(states) != len(sequences):
+            raise ValueError(f"asked for {len(sequences)} representations, the owner sent {len(states)}")
+        return states
+
+    def last(self, ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """f(x) and log P_LM at the last position, for one step of generation."""
+        request = pb.RepresentRequest(token_ids=list(ids), dtype=self.dtype, log_probs="full", last_only=True)
+        [response] = list(self.remote.represent(iter([request])))
+        log_probs = decode_tensor(response.log_probs, "float32", (response.positions, response.vocab_size))
+        return self._hidden(response)[-1], log_probs[-1]

@@ -1,0 +1,73 @@
+"""`offsite train --method pema`: both PEMA phases on a memory, written as a PEMA bundle for the head artifact."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from transformers import AutoModelForCausalLM
+
+from ...common.adapter_format import PEMA
+from ...common.contract import HEAD_ARTIFACT
+from ...common.manifest import verify_bundle, write_manifest
+from ...common.pema.bundle import save_pema
+from ...common.pema.config import PemaConfig
+from ...common.pema.head import HEAD_CONFIG_FILE, Head
+from ...common.pema.memory import Memory
+from ...common.pema.training import train_pema
+
+
+def load_head(directory: Path, owner_key: str | None = None) -> tuple[Head, dict[str, Any]]:
+    """A pulled head artifact, or an emulator bundle (its final norm and head are the full model's own)."""
+    manifest = verify_bundle(directory, owner_key)
+    if (directory / HEAD_CONFIG_FILE).is_file():
+        return Head.load(directory), manifest
+    return Head.from_model(AutoModelForCausalLM.from_pretrained(directory)), manifest
+
+
+def train_pema_bundle(
+    memory_dir: Path,
+    head_dir: Path,
+    config: PemaConfig,
+    out: Path,
+    owner_key: str | None = None,
+    show_progress: bool = True,
+) -> dict[str, Any]:
+    memory = Memory.open(memory_dir)
+    head, head_manifest = load_head(head_dir, owner_key)
+    if memory.info.get("base_fingerprint") != head_manifest["base_fingerprint"]:
+        raise ValueError(f"{memory_dir} was built for another base model than {head_dir}")
+    adapter, report = train_pema(memory, head, config, show_progress)
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    parameters = save_pema(adapter, config, partial)
+    body = {
+        "method": PEMA,
+        "emulator": HEAD_ARTIFACT,
+        "base_fingerprint": head_manifest["base_fingerprint"],
+        "architecture": head_manifest.get("architecture", ""),
+        "training": {
+            **asdict(config),
+            "memory_rows": len(memory),
+            "memory_source": memory.info.get("source"),
+            "phase1_epochs": report.phase1.epochs,
+            "phase2_epochs": report.phase2.epochs,
+        },
+    }
+    write_manifest(partial, body)
+    if out.exists():
+        shutil.rmtree(out)
+    partial.rename(out)
+    return {
+        "adapter_dir": str(out),
+        "method": PEMA,
+        "parameters": parameters,
+        "memory_rows": len(memory),
+        "phase1_validation_mse": min(report.phase1.validation_loss),
+        "phase2_validation_loss": min(report.phase2.validation_loss),
+        "validation_ce": report.phase2_validation_ce,
+        "seconds": report.seconds,
+    }
