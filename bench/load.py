@@ -1,12 +1,13 @@
 """Load: N concurrent data owners on loopback pull, push, evaluate, list and delete against one daemon for a while.
 
 Each client is its own tenant and loops: GetModelCard → PullArtifact (the whole emulator; signature and every hash
-verified) → PushAdapter → Evaluate (a few SST-2 dev rows on the pushed adapter) → ListAdapters → DeleteAdapter.
+verified) → PushAdapter → Evaluate (a few SST-2 dev rows on the pushed adapter) → Represent (64 tokens, top-10
+log-probs) → ListAdapters → DeleteAdapter.
 Counts errors and corrupted pulls, and reports p50/p99 latency per RPC. The daemon runs as a subprocess, as deployed.
 
     python bench/load.py --clients 16 --seconds 60
 
-writes bench/results/load.{json,md}. `Represent` (PEMA) is not part of the daemon yet, so it is not in the mix.
+writes bench/results/load.{json,md}.
 """
 
 from __future__ import annotations
@@ -36,12 +37,14 @@ from offsite.client.training.config import TrainConfig
 from offsite.common.contract import DEFAULT_MODEL
 from offsite.common.examples import read_jsonl
 from offsite.common.manifest import BundleError
+from offsite.common.rpc import pb
 from offsite.owner.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_DATA = ROOT / "client" / "data"
 RESULTS = ROOT / "bench" / "results" / "load"
 WHOLE_PULL = "PullArtifact (every file of the emulator)"
+REPRESENT_REQUEST = pb.RepresentRequest(token_ids=list(range(100, 164)), log_probs="top_k", top_k=10)
 
 
 class Stats:
@@ -78,6 +81,7 @@ def client_loop(address: str, token: str, adapter: Path, examples: list, until: 
                 stats.timed(WHOLE_PULL, pull_emulator, remote, target, show_progress=False)
                 pushed = stats.timed("PushAdapter", push_adapter, remote, adapter, show_progress=False)
                 stats.timed("Evaluate", evaluate_remote, remote, examples, pushed.adapter_id, show_progress=False)
+                stats.timed("Represent", lambda request: list(remote.represent(iter([request]))), REPRESENT_REQUEST)
                 stats.timed("ListAdapters", remote.list_adapters)
                 stats.timed("DeleteAdapter", remote.delete_adapter, pushed.adapter_id)
                 stats.loop_done()

@@ -15,7 +15,7 @@ from offsite.common.contract import ADAPTER_FILE_NAMES
 from offsite.common.rpc import pb
 
 FUZZ = settings(
-    max_examples=40,
+    max_examples=30,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
@@ -164,4 +164,23 @@ def test_raw_bytes_that_are_no_message_are_refused(owner: InProcessOwner, garbag
         )
         code = _call(lambda: call(garbage, metadata=owner.remote().metadata, timeout=10))
     assert code in EXPECTED_REFUSALS | {grpc.StatusCode.INTERNAL}, code
+    _assert_healthy_and_clean(owner)
+
+
+represent_requests = st.builds(
+    pb.RepresentRequest,
+    token_ids=st.lists(st.one_of(st.integers(-(2**31), 2**31 - 1), st.integers(0, 400)), max_size=8),
+    dtype=st.one_of(st.sampled_from(["", "float32", "float16", "bfloat16", "int8"]), st.text(max_size=8)),
+    log_probs=st.one_of(st.sampled_from(["", "full", "top_k"]), st.text(max_size=6)),
+    top_k=int32s,
+    last_only=st.booleans(),
+)
+
+
+@FUZZ
+@given(requests=st.lists(represent_requests, min_size=1, max_size=3))
+def test_represent_streams(owner: InProcessOwner, requests: list[pb.RepresentRequest]) -> None:
+    with owner.remote() as remote:
+        code = _call(lambda: remote.represent(iter(requests)))
+    assert code == grpc.StatusCode.OK or code in EXPECTED_REFUSALS, code
     _assert_healthy_and_clean(owner)

@@ -26,7 +26,7 @@ from offsite.common.rpc import pb
 from offsite.common.scoring import evaluate
 from offsite.owner.adapters.plugin import plug
 from offsite.owner.emulator import EmulatorSpec
-from offsite.owner.limits import LimitExceeded, StreamSlots, TenantLimits
+from offsite.owner.limits import LimitExceeded, StreamSlots, TenantLimits, TokenRate
 from offsite.owner.server import start_server
 from offsite.owner.service import OwnerService
 from offsite.owner.store import Store
@@ -298,3 +298,18 @@ def test_stream_slots_count_per_tenant_and_free_on_release() -> None:
             slots.acquire("alice")
         slots.acquire("bob")  # another tenant has its own count
     slots.acquire("alice")
+
+
+def test_represent_tokens_per_second_are_limited_per_tenant(owner: InProcessOwner) -> None:
+    owner.service.represent_rate = TokenRate(10)
+    request = pb.RepresentRequest(token_ids=[1] * 8)
+    with owner.remote() as remote:
+        assert len(list(remote.represent(iter([request])))) == 1
+        with pytest.raises(RemoteError) as limited:
+            list(remote.represent(iter([request])))  # 8 more tokens within the same second
+    assert limited.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "rate of 10 tokens/s" in str(limited.value)
+    rate = TokenRate(100)
+    rate.take("alice", 100)
+    rate.take("bob", 100)  # another tenant has its own bucket
+    with pytest.raises(LimitExceeded):
+        rate.take("alice", 50)

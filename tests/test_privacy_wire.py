@@ -1,5 +1,5 @@
-"""Privacy on the wire: every byte the data owner sends during pull → train → push is recorded by a client
-interceptor, and none of it carries a training example's text or a run of its token ids.
+"""Privacy on the wire: every byte the data owner sends during pull → train → push, and during the PEMA hybrid, is
+recorded by a client interceptor, and none of it carries a training example's text or a run of its token ids.
 
 The control: a remote evaluation sends its examples to the owner by design, and the same detector finds them there,
 so a silent detector cannot pass the test.
@@ -17,11 +17,14 @@ from conftest import InProcessOwner
 from transformers import AutoTokenizer
 
 from offsite.client.evaluation import evaluate_remote
-from offsite.client.pull import pull_emulator
+from offsite.client.memory import build_memory_local, build_memory_remote
+from offsite.client.pull import pull_emulator, pull_head
 from offsite.client.push import push_adapter
 from offsite.client.training import train_adapter
 from offsite.client.training.config import TrainConfig
+from offsite.client.training.pema import train_pema_bundle
 from offsite.common.examples import Example
+from offsite.common.pema.config import PemaConfig
 from offsite.common.rpc import pb_grpc
 
 RUN = 4  # consecutive token ids that count as a leak
@@ -122,3 +125,27 @@ def test_pull_train_push_sends_no_example_text_or_token_ids(owner: InProcessOwne
     ids = tokenizer(examples[0].prompt, add_special_tokens=False)["input_ids"][:RUN]
     planted = b"header" + struct.pack(f"<{RUN}q", *ids) + b"".join(_varint(i) for i in ids)
     assert {leak.rsplit(" as ", 1)[1] for leak in _leaks(planted, examples[:1], tokenizer)} >= {"int64", "varint"}
+
+
+def test_pema_hybrid_sends_nothing_of_the_data_and_the_remote_memory_build_does(
+    owner: InProcessOwner, tmp_path: Path
+) -> None:
+    examples = _private_examples()
+    recorder = Recorder()
+    with owner.remote() as remote:
+        remote.stub = pb_grpc.ModelOwnerStub(grpc.intercept_channel(remote.channel, recorder))
+        pull_emulator(remote, tmp_path / "emulator", show_progress=False)
+        build_memory_local(tmp_path / "emulator", examples, tmp_path / "memory", show_progress=False)
+        config = PemaConfig(rank=8, dropout=0.0, batch_size=32, max_epochs=2)
+        train_pema_bundle(tmp_path / "memory", tmp_path / "emulator", config, tmp_path / "pema", show_progress=False)
+        push_adapter(remote, tmp_path / "pema", show_progress=False)
+        tokenizer = AutoTokenizer.from_pretrained(tmp_path / "emulator")
+        assert _leaks(bytes(recorder.sent), examples, tokenizer) == []
+
+        # PEMA's remote memory build sends every context's token ids, as the CLI warns before it starts.
+        remote_build = Recorder()
+        remote.stub = pb_grpc.ModelOwnerStub(grpc.intercept_channel(remote.channel, remote_build))
+        pull_head(remote, tmp_path / "head", show_progress=False)
+        build_memory_remote(remote, tmp_path / "head", examples[:2], tmp_path / "remote", show_progress=False)
+    leaks = _leaks(bytes(remote_build.sent), examples[:2], tokenizer)
+    assert any(leak.endswith("as varint") for leak in leaks), leaks
