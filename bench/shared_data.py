@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import gzip
 import json
 import random
 from pathlib import Path
@@ -29,6 +30,31 @@ def sst2(split: str, limit: int | None = None, seed: int = 0, min_words: int = 0
     if split == "train":
         random.Random(seed).shuffle(records)
     return records[:limit] if limit else records
+
+
+TRANSLATION_PROMPT = "Translate English to German.\nEnglish: {en}\nGerman:"
+E2E_PROMPT = "Describe the restaurant in one sentence.\nFacts: {mr}\nDescription:"
+
+
+def multi30k(split: str, limit: int | None = None) -> list[tuple[str, str]]:
+    """(English, German) pairs of `train`, `val` or `test_2016_flickr`, in file order."""
+    folder = SHARED / "multi30k"
+    with (
+        gzip.open(folder / f"{split}.en.gz", "rt", encoding="utf-8") as en,
+        gzip.open(folder / f"{split}.de.gz", "rt", encoding="utf-8") as de,
+    ):
+        pairs = [(a.strip(), b.strip()) for a, b in zip(en, de, strict=True)]
+    return pairs[:limit] if limit else pairs
+
+
+def e2e(split: str, limit: int | None = None) -> list[tuple[str, list[str]]]:
+    """(meaning representation, references) of `devset` or `testset_w_refs`, grouped by input in file order."""
+    grouped: dict[str, list[str]] = {}
+    with (SHARED / "e2e_nlg" / f"{split}.csv").open(encoding="utf-8", newline="") as handle:
+        for row in csv.DictReader(handle):
+            grouped.setdefault(row["mr"], []).append(row["ref"])
+    items = list(grouped.items())
+    return items[:limit] if limit else items
 
 
 def write_jsonl(records: list[dict], path: Path) -> None:
