@@ -139,3 +139,26 @@ def test_a_pull_that_drops_half_way_resumes_and_verifies(
     assert 2 * 16 * 1024 in offsets, "the second request resumed at the offset where the first stopped"
     assert result["emulator"] == "uniform-1-2-1"
     assert not list((tmp_path / "emulator").glob("*.part"))
+
+
+def test_sigterm_refuses_new_calls_drains_the_one_in_flight_and_exits(tiny_model_dir, tmp_path: Path) -> None:
+    store = Store(tmp_path / "store")
+    token = store.add_tenant("alice")
+    store.close()
+    process, address = _start_daemon(tiny_model_dir("llama"), tmp_path / "store")
+    try:
+        with Remote(address, token, timeout=60) as remote:
+            stream = remote.generate(pb.GenerateRequest(prompt="Review: fine", max_new_tokens=600))
+            first = next(stream)
+            process.send_signal(signal.SIGTERM)
+            time.sleep(0.5)  # the daemon has stopped accepting calls
+            with Remote(address, token, timeout=10) as late, pytest.raises(RemoteError) as refused:
+                late.model_card()
+            assert refused.value.code == grpc.StatusCode.UNAVAILABLE
+            rest = list(stream)  # the call in flight runs to its end
+        assert first.text is not None and rest and rest[-1].done
+        assert process.wait(30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(30)
