@@ -4,19 +4,21 @@ Every row builds (or reuses) a signed bundle in an owner store, trains the same 
 blocks, 1 epoch, the method's default learning rate) on the same SST-2 training rows, and is scored on the same dev
 rows: on the emulator with the adapter (what the data owner gets) and plugged into the full model (what the owner
 serves). The privacy gap is plug-in minus emulator + adapter: how much more the full model is worth than what left
-the owner. After the four builders, the best of them by plug-in accuracy that takes `place=` is run again with
-importance-aware adapter placement. Reference rows: the full model zero-shot, and the same LoRA trained on the full
-model itself (a `uniform` emulator that keeps every block).
+the owner. After the builders (CRaSh with and without layer sharing), the best of them by plug-in accuracy that
+takes `place=` is run again with importance-aware adapter placement. Reference rows: the full model zero-shot, and
+the same LoRA trained on the full model itself (a `uniform` emulator that keeps every block).
 
     python bench/emulators.py --store runs/bench-emulators/owner-store
 
 writes bench/results/emulators.{json,md,png}. Building the distilled rows takes about 10 minutes each on 2 CPU
-cores; bundles already in the store are reused.
+cores; bundles already in the store are reused, and so are rows measured under the same configuration
+(`<store>/bench-rows/`).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import platform
 import shutil
@@ -31,6 +33,7 @@ import torch
 from offsite.client.local_model import load_emulator, plug_into_emulator
 from offsite.client.training import train_adapter
 from offsite.client.training.config import TrainConfig
+from offsite.common.architectures import blocks
 from offsite.common.contract import DEFAULT_MODEL
 from offsite.common.examples import read_jsonl
 from offsite.common.model_loading import fingerprint, load_model
@@ -44,7 +47,14 @@ ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_DATA = ROOT / "client" / "data"
 WIKITEXT_TEST = ROOT.parent / "shared" / "datasets" / "wikitext2_valid_test" / "test.txt"
 RESULTS = ROOT / "bench" / "results" / "emulators"
-BUILDER_ROWS = ("uniform", "distill", "crash", "lowrank")
+# (row name, builder options after the layout); CRaSh runs both ways, as its paper's gains come with sharing
+BUILDER_ROWS = (
+    ("uniform", "uniform", ""),
+    ("distill", "distill", ""),
+    ("crash", "crash", ""),
+    ("crash + layer sharing", "crash", ",share=true"),
+    ("lowrank", "lowrank", ""),
+)
 
 
 def bundle_bytes(directory: Path) -> int:
@@ -74,6 +84,7 @@ class Bench:
         self.wikitext = Path(args.wikitext).read_text(encoding="utf-8")
         self.config = TrainConfig(train_blocks=args.train_blocks)
         self.scratch = Path(tempfile.mkdtemp(prefix="offsite-bench-"))
+        self.reused: list[str] = []
 
     def bundle(self, spec: EmulatorSpec) -> tuple[Path, dict[str, Any], float]:
         directory = self.store.emulators_dir / self.fingerprint[:16] / spec.id
@@ -104,7 +115,25 @@ class Bench:
             "plug_in_accuracy": evaluate(full, tokenizer, self.dev).accuracy,
         }
 
+    def row_key(self, name: str, spec: EmulatorSpec) -> str:
+        """Everything a row's numbers depend on; a row measured under the same key is reused, not re-run."""
+        a = self.args
+        facts = [self.fingerprint, name, spec.id, a.train_data, a.train, a.eval_data, a.eval, a.wikitext, a.seq_len]
+        facts += [a.windows, self.config.method, self.config.lr, self.config.epochs, self.config.train_blocks]
+        return hashlib.sha256(json.dumps(facts).encode()).hexdigest()[:16]
+
     def row(self, name: str, spec: EmulatorSpec) -> dict[str, Any]:
+        cached = self.store.root / "bench-rows" / f"{self.row_key(name, spec)}.json"
+        if cached.is_file():
+            print(f"[bench] {name}: reusing the row measured earlier ({cached})", file=sys.stderr)
+            self.reused.append(name)
+            return json.loads(cached.read_text())
+        row = self.measure_row(name, spec)
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        cached.write_text(json.dumps(row, indent=2) + "\n")
+        return row
+
+    def measure_row(self, name: str, spec: EmulatorSpec) -> dict[str, Any]:
         directory, manifest, build_seconds = self.bundle(spec)
         emulator, tokenizer, _ = load_emulator(directory)
         print(f"[bench] {name}: scoring and training on {spec.id} ...", file=sys.stderr)
@@ -146,8 +175,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     bottom, _, top = (int(part) for part in layout.split("-"))
     full_layout = f"{bottom}-{depth - bottom - top}-{top}"  # keeps every block: the emulator is the full model
     rows.append(bench.row("full model + LoRA", EmulatorSpec.parse(f"uniform:{full_layout}")))
-    for method in BUILDER_ROWS:
-        rows.append(bench.row(method, EmulatorSpec.parse(f"{method}:{layout}")))
+    for name, method, options in BUILDER_ROWS:
+        rows.append(bench.row(name, EmulatorSpec.parse(f"{method}:{layout}{options}")))
     placeable = [r for r in rows[2:] if "place" in BUILDERS[r["spec"].split(":")[0]].OPTIONS]
     best = max(placeable, key=lambda r: r["plug_in_accuracy"])
     overall = max(rows[2:], key=lambda r: r["plug_in_accuracy"])
@@ -157,6 +186,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "model": bench.loaded.name,
         "layout": layout,
+        "parameters_per_block": sum(p.numel() for p in blocks(bench.loaded.model)[0].parameters()),
         "train_examples": len(bench.train),
         "eval_examples": len(bench.dev),
         "training": {
@@ -171,6 +201,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "best_builder_by_plug_in": overall["row"],
         "device": f"CPU ({platform.processor() or platform.machine()}), {torch.get_num_threads()} threads",
         "total_seconds": round(time.perf_counter() - started, 1),
+        "rows_reused": bench.reused,
         "rows": rows,
     }
 
@@ -183,9 +214,14 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return f"{value:,}" if isinstance(value, int) else str(value)
 
 
-def _parameters(row: dict[str, Any]) -> str:
+def _parameters(row: dict[str, Any], per_block: int) -> str:
     effective = row.get("effective_parameters", row["parameters"])
-    return _fmt(row["parameters"]) + (f" (rank-r: {effective:,})" if effective != row["parameters"] else "")
+    if effective != row["parameters"]:
+        return f"{_fmt(row['parameters'])} (rank-r: {effective:,})"
+    repeats = len(row.get("block_map", [])) - len(set(row.get("block_map", [])))
+    if repeats:  # layer sharing stores each repeated block again on disk; say what is unique
+        return f"{_fmt(row['parameters'])} (unique: {row['parameters'] - repeats * per_block:,})"
+    return _fmt(row["parameters"])
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -196,7 +232,12 @@ def markdown(result: dict[str, Any]) -> str:
         f"lr {result['training']['lr']}, {result['training']['epochs']} epoch on {result['train_examples']} training "
         f"rows; accuracy on {result['eval_examples']} dev rows. WikiText-2 test perplexity on "
         f"{result['wikitext2_test']['windows']} windows of {result['wikitext2_test']['seq_len']} tokens. "
-        f"Privacy gap = plug-in − emulator + adapter. {result['device']}, {result['total_seconds']:.0f} s in all.",
+        f"Privacy gap = plug-in − emulator + adapter. {result['device']}, {result['total_seconds']:.0f} s in all"
+        + (
+            f"; rows measured by an earlier run of this configuration: {', '.join(result['rows_reused'])}."
+            if result.get("rows_reused")
+            else "."
+        ),
         "",
         "| row | parameters | bytes | WikiText-2 ppl | emulator zero-shot | emulator + adapter | plug-in "
         "| privacy gap |",
@@ -204,7 +245,7 @@ def markdown(result: dict[str, Any]) -> str:
     ]
     for row in result["rows"]:
         lines.append(
-            f"| {row['row']} | {_parameters(row)} | {_fmt(row.get('bytes'))} "
+            f"| {row['row']} | {_parameters(row, result['parameters_per_block'])} | {_fmt(row.get('bytes'))} "
             f"| {_fmt(row['wikitext2_test_perplexity'], 1)} | {_fmt(row.get('emulator_zero_shot_accuracy'))} "
             f"| {_fmt(row.get('emulator_adapter_accuracy'))} | {_fmt(row['plug_in_accuracy'])} "
             f"| {_fmt(row.get('privacy_gap'))} |"
@@ -258,7 +299,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     figure.savefig(path, dpi=120)
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--store", required=True, help="owner store: its key signs the bundles, which it caches")
@@ -273,8 +314,11 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--windows", type=int, default=64)
     parser.add_argument("--out", default=str(RESULTS), help="results path without extension")
-    args = parser.parse_args()
+    return parser.parse_args(argv)
 
+
+def main() -> None:
+    args = parse_args()
     result = run(args)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

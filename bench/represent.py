@@ -3,7 +3,8 @@
 The same sequences (SST-2 dev prompts, tokenized) are represented three ways, in one run:
 1. in process, one sequence per forward;
 2. in process, REPRESENT_BATCH sequences per forward (what the server's batcher aims at);
-3. through `Represent` on a daemon subprocess, from C concurrent clients, one request per sequence.
+3. through `Represent` on a daemon subprocess, from C concurrent clients (each its own tenant), one request per
+   sequence.
 
     python bench/represent.py --clients 16 --sequences 256
 
@@ -45,11 +46,12 @@ def in_process(representer: LocalRepresenter, sequences: list[list[int]], batch:
     return time.perf_counter() - started
 
 
-def over_the_wire(address: str, token: str, sequences: list[list[int]], clients: int) -> float:
-    shares = [sequences[i::clients] for i in range(clients)]
+def over_the_wire(address: str, tokens: list[str], sequences: list[list[int]]) -> float:
+    """Each client is its own tenant (a data owner), so per-tenant stream limits do not serialize them."""
+    shares = [sequences[i :: len(tokens)] for i in range(len(tokens))]
     errors: list[BaseException] = []
 
-    def client(share: list[list[int]]) -> None:
+    def client(token: str, share: list[list[int]]) -> None:
         try:
             with Remote(address, token) as remote:
                 for ids in share:
@@ -57,7 +59,7 @@ def over_the_wire(address: str, token: str, sequences: list[list[int]], clients:
         except BaseException as error:  # surfaced below: a failed client must not look fast
             errors.append(error)
 
-    threads = [threading.Thread(target=client, args=(share,)) for share in shares]
+    threads = [threading.Thread(target=client, args=pair) for pair in zip(tokens, shares, strict=True)]
     started = time.perf_counter()
     for thread in threads:
         thread.start()
@@ -71,7 +73,8 @@ def over_the_wire(address: str, token: str, sequences: list[list[int]], clients:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="offsite-represent-"))
     store = Store(work / "owner-store")
-    token = store.add_tenant(f"bench-{int(time.time())}")
+    run_id = int(time.time())
+    tenant_tokens = [store.add_tenant(f"represent-{run_id}-{i}") for i in range(args.clients)]
     store.close()
     loaded = load_model(args.model, cache_dir=work / "owner-store" / "models")
     prompts = read_jsonl(ROOT / "client" / "data" / "sst2_dev.jsonl", limit=args.sequences)
@@ -85,7 +88,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     env = dict(os.environ, OFFSITE_HOME=str(work / "client-config"))
     owner, address = start_owner(args.model, work / "owner-store", args.emulator, work / "owner.log", env)
     try:
-        wire = over_the_wire(address, token, sequences, args.clients)
+        wire = over_the_wire(address, tenant_tokens, sequences)
     finally:
         owner.terminate()
         owner.wait(60)

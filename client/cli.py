@@ -180,7 +180,27 @@ def cmd_eval(args: argparse.Namespace) -> None:
     emit({"ok": True, **report}, args.json, _format_report(report))
 
 
+def _check_generate_method(args: argparse.Namespace, remote: Remote) -> None:
+    """`--method` states what the adapter is; a mismatch is refused before any token is generated."""
+    if not args.method:
+        return
+    if args.adapter and args.method != "pema":
+        raise ValueError(
+            f"--adapter generates here with a PEMA bundle; --method {args.method} runs on the owner: "
+            "push the adapter and pass --adapter-id"
+        )
+    if args.adapter_id:
+        stored = {info.adapter_id: info.method for info in remote.list_adapters().adapters}
+        if args.adapter_id not in stored:
+            raise ValueError(f"no adapter {args.adapter_id} of yours on the owner (offsite adapters list)")
+        if stored[args.adapter_id] != args.method:
+            raise ValueError(f"adapter {args.adapter_id} is a {stored[args.adapter_id]} adapter, not {args.method}")
+    elif not args.adapter:
+        raise ValueError(f"--method {args.method} needs --adapter-id ID (on the owner) or --adapter DIR (PEMA, here)")
+
+
 def _pieces(args: argparse.Namespace, remote: Remote) -> Iterator[str]:
+    _check_generate_method(args, remote)
     if args.adapter:  # PEMA here, the owner's model through Represent
         if not args.head:
             raise ValueError("--adapter (a local PEMA bundle) needs --head DIR")
@@ -353,6 +373,9 @@ def parser() -> argparse.ArgumentParser:
 
     generate = add("generate", "generate with the owner's model and an adapter", remote=True)
     generate.add_argument("--adapter-id")
+    generate.add_argument(
+        "--method", choices=["lora", "full", "pema"], help="what the adapter is; checked before generating"
+    )
     generate.add_argument("--prompt", required=True)
     generate.add_argument("--max-new-tokens", type=int, default=64)
     generate.add_argument("--temperature", type=float, default=0.0)
