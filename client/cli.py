@@ -14,6 +14,7 @@ from ..common.examples import DataError, read_jsonl
 from ..common.manifest import BundleError
 from ..common.memory import peak_rss_bytes
 from ..common.pema.config import SCHEDULES, PemaConfig
+from ..common.pema.representation import CONTEXT_KINDS, TEACHER_FORCING
 from ..common.rpc import pb
 from .connection import ClientTls, Remote, RemoteError
 from .evaluation import evaluate_local, evaluate_remote
@@ -239,12 +240,15 @@ def cmd_memory_build(args: argparse.Namespace) -> None:
     examples = read_jsonl(Path(args.data), args.limit)
     out = Path(args.out)
     if args.emulator:
-        memory = build_memory_local(Path(args.emulator), examples, out, args.dtype, args.max_length, args.owner_key)
+        memory = build_memory_local(
+            Path(args.emulator), examples, out, args.dtype, args.max_length, args.owner_key, contexts=args.contexts
+        )
         where = f"the emulator {args.emulator}, on this machine; nothing was sent"
     else:
+        sent = "prompts and completions" if args.contexts == TEACHER_FORCING else "prompts"
         if not args.yes:
             raise ValueError(
-                f"--server sends the token ids of all {len(examples)} examples (prompts and completions) to the "
+                f"--server sends the token ids of all {len(examples)} examples ({sent}) to the "
                 "owner, who could read them. Pass --yes to agree, or use --emulator DIR to keep them here."
             )
         print(f"sending the token ids of {len(examples)} examples to {args.server}", file=sys.stderr)
@@ -252,7 +256,9 @@ def cmd_memory_build(args: argparse.Namespace) -> None:
             head = Path(args.head) if args.head else out.with_name(out.name + "-head")
             if not args.head:
                 pull_head(remote, head, args.owner_key)
-            memory = build_memory_remote(remote, head, examples, out, args.dtype, args.max_length, args.owner_key)
+            memory = build_memory_remote(
+                remote, head, examples, out, args.dtype, args.max_length, args.owner_key, contexts=args.contexts
+            )
         where = f"the owner at {args.server} (your token ids were sent)"
     emit(
         {"ok": True, "out": str(out), "rows": len(memory), "hidden_size": memory.hidden_size, **memory.info},
@@ -326,6 +332,12 @@ def parser() -> argparse.ArgumentParser:
     memory_build.add_argument("--data", required=True, help="JSONL of {prompt, completion}")
     memory_build.add_argument("--out", required=True)
     memory_build.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="of the keys")
+    memory_build.add_argument(
+        "--contexts",
+        choices=CONTEXT_KINDS,
+        default=TEACHER_FORCING,
+        help="prompt + gold prefixes, or prompt + the model's own greedy tokens (PEMA's option; slower)",
+    )
     memory_build.add_argument("--limit", type=int)
     memory_build.add_argument("--max-length", type=int, default=256)
     memory_build.add_argument("--owner-key", help="pinned owner key the bundles must be signed by")

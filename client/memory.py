@@ -15,7 +15,15 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from ..common.examples import Example
 from ..common.manifest import verify_bundle
 from ..common.pema.memory import Memory
-from ..common.pema.representation import LocalRepresenter, Representer, build_memory, teacher_forcing
+from ..common.pema.representation import (
+    OWN_GENERATION,
+    TEACHER_FORCING,
+    LocalRepresenter,
+    Representer,
+    build_memory,
+    own_generation,
+    teacher_forcing,
+)
 from .connection import Remote
 from .local_model import load_emulator
 from .representations import RemoteRepresenter
@@ -30,10 +38,17 @@ def _build(
     max_length: int,
     info: dict[str, Any],
     show_progress: bool,
+    contexts_kind: str,
 ) -> Memory:
     contexts = teacher_forcing(tokenizer, examples, max_length)
     if not contexts:
         raise ValueError("no example has a completion to remember")
+    if contexts_kind == OWN_GENERATION:
+        with tqdm(total=len(contexts), desc="generating contexts", unit="ex", disable=not show_progress) as bar:
+            contexts = own_generation(representer, contexts, progress=bar.update)
+    elif contexts_kind != TEACHER_FORCING:
+        raise ValueError(f"contexts must be {TEACHER_FORCING} or {OWN_GENERATION}, not {contexts_kind!r}")
+    info = {**info, "contexts": contexts_kind}
     with tqdm(total=len(contexts), desc="building memory", unit="ex", disable=not show_progress) as bar:
         return build_memory(representer, contexts, out, dtype, {**info, "examples": len(contexts)}, progress=bar.update)
 
@@ -47,6 +62,7 @@ def build_memory_remote(
     max_length: int = 256,
     owner_key: str | None = None,
     show_progress: bool = True,
+    contexts: str = TEACHER_FORCING,
 ) -> Memory:
     """Representations from the owner's full model; `head_dir` (a pulled head) supplies the tokenizer."""
     manifest = verify_bundle(head_dir, owner_key)
@@ -54,9 +70,9 @@ def build_memory_remote(
     if card.base_fingerprint != manifest["base_fingerprint"]:
         raise ValueError(f"{head_dir} is the head of another model than the one this owner serves")
     representer = RemoteRepresenter(remote, int(card.hidden_size))
-    info = {"source": "owner", "base_fingerprint": card.base_fingerprint, "contexts": "teacher forcing"}
+    info = {"source": "owner", "base_fingerprint": card.base_fingerprint}
     tokenizer = AutoTokenizer.from_pretrained(head_dir)
-    return _build(representer, tokenizer, examples, out, dtype, max_length, info, show_progress)
+    return _build(representer, tokenizer, examples, out, dtype, max_length, info, show_progress, contexts)
 
 
 def build_memory_local(
@@ -67,11 +83,9 @@ def build_memory_local(
     max_length: int = 256,
     owner_key: str | None = None,
     show_progress: bool = True,
+    contexts: str = TEACHER_FORCING,
 ) -> Memory:
     emulator, tokenizer, manifest = load_emulator(emulator_dir, owner_key)
-    info = {
-        "source": f"emulator {manifest['id']}",
-        "base_fingerprint": manifest["base_fingerprint"],
-        "contexts": "teacher forcing",
-    }
-    return _build(LocalRepresenter(emulator), tokenizer, examples, out, dtype, max_length, info, show_progress)
+    info = {"source": f"emulator {manifest['id']}", "base_fingerprint": manifest["base_fingerprint"]}
+    representer = LocalRepresenter(emulator)
+    return _build(representer, tokenizer, examples, out, dtype, max_length, info, show_progress, contexts)

@@ -31,6 +31,16 @@ class RemoteRepresenter:
             raise ValueError(f"asked for {len(sequences)} representations, the owner sent {len(states)}")
         return states
 
+    def next_tokens(self, sequences: Sequence[Sequence[int]]) -> list[int]:
+        requests = (
+            pb.RepresentRequest(token_ids=list(ids), dtype=self.dtype, log_probs="top_k", top_k=1, last_only=True)
+            for ids in sequences
+        )
+        tokens = [int(decode_tensor(r.top_k_ids, "int32", (1, 1))) for r in self.remote.represent(requests)]
+        if len(tokens) != len(sequences):
+            raise ValueError(f"asked for {len(sequences)} next tokens, the owner sent {len(tokens)}")
+        return tokens
+
     def last(self, ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """f(x) and log P_LM at the last position, for one step of generation."""
         request = pb.RepresentRequest(token_ids=list(ids), dtype=self.dtype, log_probs="full", last_only=True)

@@ -14,7 +14,7 @@ from offsite.common.model_loading import load_model
 from offsite.common.pema.config import PemaConfig
 from offsite.common.pema.head import Head
 from offsite.common.pema.memory import KEYS_FILE, InvalidMemory, Memory, MemoryWriter
-from offsite.common.pema.representation import LocalRepresenter, build_memory, teacher_forcing
+from offsite.common.pema.representation import LocalRepresenter, build_memory, own_generation, teacher_forcing
 from offsite.common.pema.training import train_pema
 from offsite.common.pema.unrolling import mix, unrolling_lambda
 
@@ -93,8 +93,26 @@ def test_teacher_forcing_memory_has_one_row_per_target(tiny_model_dir, tmp_path:
     assert len(memory) == sum(len(c.targets) for c in contexts)
     first = contexts[0]
     assert memory.values[: len(first.targets)].tolist() == first.targets
-    state = representer.represent([first.ids[: first.start]])[0][-1]
+    state = representer.represent([first.inputs[: first.start]])[0][-1]
     torch.testing.assert_close(torch.from_numpy(np.array(memory.keys[0])), state, atol=1e-5, rtol=1e-5)
+
+
+def test_own_generation_contexts_continue_with_the_models_greedy_tokens(tiny_model_dir, tmp_path: Path) -> None:
+    loaded = load_model(str(tiny_model_dir("llama")))
+    examples = [Example(prompt="a b", completion=" c d e"), Example(prompt="e", completion=" f g h i j")]
+    gold = teacher_forcing(loaded.tokenizer, examples, max_length=64)
+    representer = LocalRepresenter(loaded.model)
+    own = own_generation(representer, gold, batch_size=2)
+    for mine, theirs in zip(own, gold, strict=True):
+        assert mine.targets == theirs.targets and mine.start == theirs.start
+        assert mine.inputs[: mine.start] == theirs.inputs[: theirs.start] and len(mine.inputs) == len(theirs.inputs)
+        with torch.no_grad():
+            for end in range(mine.start, len(mine.inputs)):
+                logits = loaded.model(input_ids=torch.tensor([mine.inputs[:end]])).logits[0, -1]
+                assert mine.inputs[end] == int(logits.argmax()), "each context grows by the model's greedy token"
+    assert any(m.inputs != g.inputs for m, g in zip(own, gold, strict=True)), "a random model does not echo gold"
+    memory = build_memory(representer, own, tmp_path / "memory", "float32", {}, batch_size=2)
+    assert memory.values.tolist() == [t for c in gold for t in c.targets]
 
 
 def _synthetic_memory(tmp_path: Path, rows: int = 2000, hidden: int = 32, vocab: int = 12) -> tuple[Memory, Head]:

@@ -25,7 +25,13 @@ from offsite.common.examples import Example
 from offsite.common.manifest import read_manifest, write_manifest
 from offsite.common.pema.config import PemaConfig
 from offsite.common.pema.head import Head
-from offsite.common.pema.representation import LocalRepresenter
+from offsite.common.pema.representation import (
+    OWN_GENERATION,
+    LocalRepresenter,
+    build_memory,
+    own_generation,
+    teacher_forcing,
+)
 from offsite.common.rpc import pb
 from offsite.common.wire_tensors import decode_tensor
 from offsite.owner.representations import RepresentationBatcher
@@ -96,6 +102,30 @@ def test_head_artifact_is_signed_and_reproduces_the_logits(owner: InProcessOwner
     head = Head.load(tmp_path / "head")
     states, logits = LocalRepresenter(owner.service.loaded.model).forward([[4, 5, 6]])
     torch.testing.assert_close(head.logits(states[0]), logits[0], atol=1e-5, rtol=1e-5)
+
+
+def test_own_generation_contexts_over_represent_match_an_in_process_build(
+    owner: InProcessOwner, tmp_path: Path
+) -> None:
+    """The owner picks each greedy token (top-1 over Represent); the memory equals one built in process."""
+    examples = EXAMPLES[:4]
+    with owner.remote() as remote:
+        pull_head(remote, tmp_path / "head", show_progress=False)
+        remote_memory = build_memory_remote(
+            remote, tmp_path / "head", examples, tmp_path / "m", "float32", show_progress=False, contexts=OWN_GENERATION
+        )
+    model, tokenizer = owner.service.loaded.model, owner.service.loaded.tokenizer
+    representer = LocalRepresenter(model)
+    local = build_memory(
+        representer,
+        own_generation(representer, teacher_forcing(tokenizer, examples, 256)),
+        tmp_path / "l",
+        "float32",
+        {},
+    )
+    assert remote_memory.info["contexts"] == OWN_GENERATION
+    assert np.array_equal(remote_memory.values, local.values)
+    np.testing.assert_allclose(np.asarray(remote_memory.keys), np.asarray(local.keys), atol=1e-5, rtol=1e-5)
 
 
 def test_remote_and_local_memories_agree_and_generation_matches_owner_side(

@@ -1,8 +1,11 @@
 """`f(c)`: the last transformer block's output before the final norm, at every position, from a local model.
 
 The owner computes it with the full model (for `Represent` and for PEMA generation); the data owner computes it with
-the emulator for the hybrid, where nothing leaves its machine. Teacher forcing: the contexts of an example are its
-prompt followed by each prefix of its gold completion, and each context's value is the next gold token.
+the emulator for the hybrid, where nothing leaves its machine. The value of every context is the next gold token;
+the contexts themselves are either
+- teacher forcing (the default): the prompt followed by each prefix of the gold completion; or
+- own generation (PEMA's option): the prompt followed by each prefix of the model's own greedy continuation, so that
+  the memory sees the states the model will be in when it generates.
 """
 
 from __future__ import annotations
@@ -18,12 +21,19 @@ from ..architectures import blocks
 from ..examples import Example, encode
 from .memory import Memory, MemoryWriter
 
+TEACHER_FORCING, OWN_GENERATION = "teacher-forcing", "own-generation"
+CONTEXT_KINDS = (TEACHER_FORCING, OWN_GENERATION)
+
 
 class Representer(Protocol):
     hidden_size: int
 
     def represent(self, sequences: Sequence[Sequence[int]]) -> list[torch.Tensor]:
         """[len(seq), hidden] final-layer states (before the final norm) for each sequence."""
+        ...
+
+    def next_tokens(self, sequences: Sequence[Sequence[int]]) -> list[int]:
+        """The model's greedy next token after each sequence."""
         ...
 
 
@@ -58,15 +68,21 @@ class LocalRepresenter:
     def represent(self, sequences: Sequence[Sequence[int]]) -> list[torch.Tensor]:
         return self.forward(sequences)[0]
 
+    def next_tokens(self, sequences: Sequence[Sequence[int]]) -> list[int]:
+        return [int(logits[-1].argmax()) for logits in self.forward(sequences)[1]]
+
 
 @dataclass(frozen=True)
 class Contexts:
-    ids: list[int]  # prompt + completion
-    start: int  # index of the first target token; contexts end at start−1 .. len−2
+    """One example's contexts: the prefixes of `inputs` ending at positions start−1 … len−1, one per target."""
 
-    @property
-    def targets(self) -> list[int]:
-        return self.ids[self.start :]
+    inputs: list[int]
+    start: int  # the prompt's length: the first context is the whole prompt
+    targets: list[int]  # the gold next token of each context
+
+    def __post_init__(self) -> None:
+        if len(self.inputs) - self.start + 1 != len(self.targets):
+            raise ValueError("an example needs exactly one target per context")
 
 
 def teacher_forcing(
@@ -82,7 +98,31 @@ def teacher_forcing(
         ids = (prompt + completion)[:max_length]
         start = max(1, len(prompt))  # the first token has no context
         if start < len(ids):
-            contexts.append(Contexts(ids, start))
+            contexts.append(Contexts(ids[:-1], start, ids[start:]))  # the last token is never a context
+    return contexts
+
+
+def own_generation(
+    representer: Representer,
+    gold: Sequence[Contexts],
+    batch_size: int = 8,
+    progress: Callable[[int], None] | None = None,
+) -> list[Contexts]:
+    """The same targets as `gold` (teacher forcing), but each context continues the prompt with the model's own
+    greedy tokens instead of the gold ones: as many as the gold completion needs, one step per token."""
+    contexts = []
+    for first in range(0, len(gold), batch_size):
+        batch = gold[first : first + batch_size]
+        inputs = [list(c.inputs[: c.start]) for c in batch]
+        while True:
+            growing = [i for i, c in enumerate(batch) if len(inputs[i]) < len(c.inputs)]
+            if not growing:
+                break
+            for i, token in zip(growing, representer.next_tokens([inputs[i] for i in growing]), strict=True):
+                inputs[i].append(token)
+        contexts += [Contexts(ids, c.start, c.targets) for ids, c in zip(inputs, batch, strict=True)]
+        if progress is not None:
+            progress(len(batch))
     return contexts
 
 
@@ -99,7 +139,7 @@ def build_memory(
     writer = MemoryWriter(out, sum(len(c.targets) for c in contexts), representer.hidden_size, dtype, info)
     for first in range(0, len(contexts), batch_size):
         batch = contexts[first : first + batch_size]
-        states = representer.represent([c.ids[:-1] for c in batch])  # the last token is never a context
+        states = representer.represent([c.inputs for c in batch])
         for context, state in zip(batch, states, strict=True):
             writer.add(state[context.start - 1 :], torch.tensor(context.targets))
         if progress is not None:
