@@ -40,6 +40,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import sacrebleu
 import torch
 from tqdm import tqdm
@@ -194,6 +195,18 @@ class BatchedGreedy:
         return [first_line(self.tokenizer.decode(tokens, skip_special_tokens=True)) for tokens in produced]
 
 
+def key_agreement(owner: Memory, hybrid: Memory, sample: int = 5000) -> dict[str, float]:
+    """How close the emulator's f(c) comes to the full model's for the same contexts (the memories are row-aligned):
+    a hybrid adapter is trained on the one and applied to the other."""
+    rows = np.sort(np.random.default_rng(0).choice(len(owner), min(sample, len(owner)), replace=False))
+    full = torch.from_numpy(np.asarray(owner.keys[rows], dtype=np.float32))
+    emulated = torch.from_numpy(np.asarray(hybrid.keys[rows], dtype=np.float32))
+    return {
+        "median_cosine": round(float(torch.nn.functional.cosine_similarity(emulated, full, dim=1).median()), 3),
+        "median_relative_l2": round(float(((emulated - full).norm(dim=1) / full.norm(dim=1)).median()), 3),
+    }
+
+
 def bleu(hypotheses: list[str], references: list[list[str]]) -> float:
     """Corpus sacreBLEU; inputs with fewer references than the most have `None` in the missing streams."""
     most = max(map(len, references))
@@ -279,6 +292,7 @@ class Bench:
             self.decode(task.prompts, length, pema_choice(hybrid_adapter, self.head, gradual, length), "hybrid PEMA"),
             memory_rows=len(hybrid_memory),
             validation_ce=round(hybrid_report.phase2_validation_ce, 4),
+            keys_against_owner=key_agreement(owner_memory, hybrid_memory),
         )
         lora_dir = work / "lora"
         trained = train_adapter(
