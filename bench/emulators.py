@@ -43,6 +43,9 @@ from offsite.owner.emulator import BUILDERS, EmulatorSpec, build_emulator
 from offsite.owner.emulator.public_text import token_chunks, window_perplexity
 from offsite.owner.store import Store
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results_files import write_results  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_DATA = ROOT / "client" / "data"
 WIKITEXT_TEST = ROOT.parent / "shared" / "datasets" / "wikitext2_valid_test" / "test.txt"
@@ -321,11 +324,8 @@ def main() -> None:
     args = parse_args()
     result = run(args)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown(result))
+    write_results(out, result, markdown(result))
     plot(result, out.with_suffix(".png"))
-    print(markdown(result))
     print(json.dumps({k: v for k, v in result.items() if k != "rows"}))
 
 

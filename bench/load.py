@@ -13,11 +13,11 @@ writes bench/results/load.{json,md}.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
 import statistics
+import sys
 import tempfile
 import threading
 import time
@@ -39,6 +39,9 @@ from offsite.common.examples import read_jsonl
 from offsite.common.manifest import BundleError
 from offsite.common.rpc import pb
 from offsite.owner.store import Store
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results_files import write_results  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_DATA = ROOT / "client" / "data"
@@ -192,10 +195,7 @@ def main() -> None:
     args = parser.parse_args()
     result = run(args)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown(result))
-    print(markdown(result))
+    write_results(out, result, markdown(result))
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ writes bench/results/pema.{json,md}.
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing
 import platform
 import random
@@ -65,6 +64,7 @@ from offsite.common.scoring import causal_model
 from offsite.owner.adapters.plugin import plug
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results_files import write_results  # noqa: E402
 from shared_data import E2E_PROMPT, TRANSLATION_PROMPT, e2e, multi30k  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -408,10 +408,7 @@ def main() -> None:
     args = parser.parse_args()
     result = run(args)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
-    out.with_suffix(".md").write_text(markdown(result))
-    print(markdown(result))
+    write_results(out, result, markdown(result))
 
 
 if __name__ == "__main__":

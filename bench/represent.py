@@ -15,9 +15,9 @@ in-process batched forward.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
+import sys
 import tempfile
 import threading
 import time
@@ -34,6 +34,9 @@ from offsite.common.model_loading import load_model
 from offsite.common.pema.representation import LocalRepresenter
 from offsite.common.rpc import pb
 from offsite.owner.store import Store
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results_files import write_results  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "represent"
@@ -141,10 +144,7 @@ def main() -> None:
     args = parser.parse_args()
     result = run(args)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown(result))
-    print(markdown(result))
+    write_results(out, result, markdown(result))
 
 
 if __name__ == "__main__":

@@ -48,9 +48,9 @@ def _build(
             contexts = own_generation(representer, contexts, progress=bar.update)
     elif contexts_kind != TEACHER_FORCING:
         raise ValueError(f"contexts must be {TEACHER_FORCING} or {OWN_GENERATION}, not {contexts_kind!r}")
-    info = {**info, "contexts": contexts_kind}
+    info = {**info, "contexts": contexts_kind, "examples": len(contexts)}
     with tqdm(total=len(contexts), desc="building memory", unit="ex", disable=not show_progress) as bar:
-        return build_memory(representer, contexts, out, dtype, {**info, "examples": len(contexts)}, progress=bar.update)
+        return build_memory(representer, contexts, out, dtype, info, progress=bar.update)
 
 
 def build_memory_remote(

@@ -7,6 +7,7 @@ batch, and hands each caller its own rows. A single caller sees no wait beyond t
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 from concurrent.futures import Future
@@ -45,11 +46,9 @@ class RepresentationBatcher:
     def _run(self) -> None:
         while True:
             pending = [self._queue.get()]
-            try:
+            with contextlib.suppress(queue.Empty):  # the window closed before the batch filled
                 while len(pending) < self.batch:
                     pending.append(self._queue.get(timeout=self.window))
-            except queue.Empty:
-                pass
             try:
                 states, logits = self.representer.forward([ids for ids, _ in pending])
                 self.batches_run += 1

@@ -30,11 +30,9 @@ class Representer(Protocol):
 
     def represent(self, sequences: Sequence[Sequence[int]]) -> list[torch.Tensor]:
         """[len(seq), hidden] final-layer states (before the final norm) for each sequence."""
-        ...
 
     def next_tokens(self, sequences: Sequence[Sequence[int]]) -> list[int]:
         """The model's greedy next token after each sequence."""
-        ...
 
 
 class LocalRepresenter:
