@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from ..common import output_dir
 from ..common.cli_output import emit, fail, quiet_libraries
 from ..common.contract import DEFAULT_EMULATOR
 from ..common.examples import DataError, read_jsonl
@@ -23,17 +24,18 @@ from .pema_generation import generate_remote_pema
 from .pull import OwnerKeyMismatch, pull_emulator, pull_head
 from .push import push_adapter
 from .training import train_adapter
-from .training.config import TrainConfig
+from .training.config import DEFAULT_LEARNING_RATE, TRAIN_BLOCKS, TrainConfig
 from .training.pema import train_pema_bundle
 from .trust import KnownOwners
 
 MiB = 1024 * 1024
+INSECURE_HELP = "plaintext to a non-loopback owner (default there: TLS with --ca or the system's roots)"
 
 
 def _remote(args: argparse.Namespace) -> Remote:
     paths = [Path(p) if p else None for p in (args.ca, args.cert, args.key)]
     tls = ClientTls(*paths) if any(paths) else None
-    return Remote(args.server, args.token, tls=tls)
+    return Remote(args.server, args.token, tls=tls, insecure=args.insecure)
 
 
 def cmd_pull(args: argparse.Namespace) -> None:
@@ -92,7 +94,11 @@ def cmd_train_pema(args: argparse.Namespace) -> None:
         schedule=args.schedule,
         seed=args.seed,
     )
-    result = train_pema_bundle(Path(args.memory), Path(args.head), config, Path(args.out), args.owner_key)
+    out = Path(args.out)
+    output_dir.check(out, output_dir.ADAPTER)  # before training
+    with output_dir.staged(out, output_dir.ADAPTER) as work:
+        result = train_pema_bundle(Path(args.memory), Path(args.head), config, work, args.owner_key)
+    result["adapter_dir"] = str(out)
     emit(
         {"ok": True, **result, "peak_rss_bytes": peak_rss_bytes()},
         args.json,
@@ -109,7 +115,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         raise ValueError(f"--method {args.method} needs --emulator DIR and --data FILE")
     config = TrainConfig(
         method=args.method,
-        epochs=args.epochs if args.epochs is not None else 1.0,
+        epochs=args.epochs if args.epochs is not None else TrainConfig.epochs,
         learning_rate=args.lr,
         batch_size=args.batch_size,
         max_length=args.max_length,
@@ -118,6 +124,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         seed=args.seed,
         train_blocks=args.train_blocks,
     )
+    output_dir.check(Path(args.out), output_dir.ADAPTER)  # before training, not after
     examples = read_jsonl(Path(args.data), args.limit)
     result = train_adapter(Path(args.emulator), examples, config, Path(args.out), args.owner_key)
     out = {"ok": True, **result.as_dict(), "peak_rss_bytes": peak_rss_bytes()}
@@ -163,6 +170,12 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if args.server:
         if args.emulator or args.adapter:
             raise ValueError("use --server [--adapter-id] or --emulator [--adapter], not both")
+        if not args.yes:
+            raise ValueError(
+                f"--server sends every prompt, completion and choice of the {len(examples)} examples to the owner, "
+                "who could read them. Pass --yes to agree, or evaluate here with --emulator DIR."
+            )
+        print(f"sending {len(examples)} examples to {args.server}", file=sys.stderr)
         with _remote(args) as remote:
             report = evaluate_remote(remote, examples, args.adapter_id or "", args.batch_size)
     elif args.emulator:
@@ -175,7 +188,6 @@ def cmd_eval(args: argparse.Namespace) -> None:
             args.owner_key,
             args.batch_size or 16,
         )
-        report["peak_rss_bytes"] = peak_rss_bytes()
     else:
         raise ValueError("give --server ADDR (the owner's full model) or --emulator DIR (local)")
     emit({"ok": True, **report}, args.json, _format_report(report))
@@ -310,6 +322,7 @@ def parser() -> argparse.ArgumentParser:
             sub.add_argument("--ca", help="TLS: the CA that signed the owner's certificate (from certs init)")
             sub.add_argument("--cert", help="mTLS: this tenant's client certificate (names the tenant)")
             sub.add_argument("--key", help="mTLS: the client certificate's private key")
+            sub.add_argument("--insecure", action="store_true", help=INSECURE_HELP)
         return sub
 
     pull = add("pull", "pull and verify an emulator", remote=True)
@@ -343,6 +356,7 @@ def parser() -> argparse.ArgumentParser:
     memory_build.add_argument("--owner-key", help="pinned owner key the bundles must be signed by")
     for flag, text in (("--token", "tenant token"), ("--ca", "TLS CA"), ("--cert", "mTLS cert"), ("--key", "mTLS key")):
         memory_build.add_argument(flag, help=text)
+    memory_build.add_argument("--insecure", action="store_true", help=INSECURE_HELP)
     memory_build.set_defaults(handler=cmd_memory_build)
 
     train = add("train", "train an adapter on the emulator, locally")
@@ -356,15 +370,24 @@ def parser() -> argparse.ArgumentParser:
     train.add_argument("--lambda-max", type=float, default=PemaConfig.lambda_max)
     train.add_argument("--schedule", choices=SCHEDULES, default=PemaConfig.schedule, help="pema: λ over the output")
     train.add_argument("--out", required=True)
-    train.add_argument("--epochs", type=float, help="default 1 (lora/full), at most 20 with early stopping (pema)")
-    train.add_argument("--lr", type=float, help="learning rate (default: 5e-4 lora, 3e-5 full, 1e-3 pema)")
+    train.add_argument(
+        "--epochs",
+        type=float,
+        help=f"default {TrainConfig.epochs:g} (lora/full), at most 20 with early stopping (pema)",
+    )
+    train.add_argument(
+        "--lr",
+        type=float,
+        help=f"learning rate (default: {DEFAULT_LEARNING_RATE['lora']:g} lora, "
+        f"{DEFAULT_LEARNING_RATE['full']:g} full, 1e-3 pema)",
+    )
     train.add_argument("--batch-size", type=int, default=8)
     train.add_argument("--max-length", type=int, default=256)
     train.add_argument("--limit", type=int)
     train.add_argument("--lora-rank", type=int, default=8)
     train.add_argument("--seed", type=int, default=0)
     train.add_argument(
-        "--train-blocks", choices=["all", "top", "bottom"], default="all", help="which adapter blocks learn"
+        "--train-blocks", choices=TRAIN_BLOCKS, default=TrainConfig.train_blocks, help="which adapter blocks learn"
     )
     train.add_argument("--owner-key", help="pinned owner key the emulator must be signed by")
     train.set_defaults(handler=cmd_train)
@@ -381,6 +404,7 @@ def parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--limit", type=int)
     evaluate.add_argument("--batch-size", type=int, default=0)
     evaluate.add_argument("--owner-key")
+    evaluate.add_argument("--yes", action="store_true", help="with --server: agree to send the examples to the owner")
     evaluate.set_defaults(handler=cmd_eval)
 
     generate = add("generate", "generate with the owner's model and an adapter", remote=True)
@@ -410,16 +434,18 @@ def parser() -> argparse.ArgumentParser:
     demo.add_argument("--model", default="smollm2-135m")
     demo.add_argument("--train-data", help="JSONL (default: the committed SST-2 sample)")
     demo.add_argument("--eval-data", help="JSONL (default: the committed SST-2 dev sample)")
-    demo.add_argument("--train-limit", type=int, default=400)
-    demo.add_argument("--eval-limit", type=int, default=200)
+    demo.add_argument("--train-limit", type=int, default=1000)
+    demo.add_argument("--eval-limit", type=int, default=872, help="dev rows scored (the sample has 872)")
     demo.add_argument(
-        "--emulator", default=DEFAULT_EMULATOR, help="METHOD:L-N-R[,key=value...], e.g. distill:2-8-2,steps=100"
+        "--emulator", default=DEFAULT_EMULATOR, help="METHOD:L-N-R[,key=value...], e.g. distill:2-8-2,tokens=50000"
     )
     demo.add_argument("--method", choices=["lora", "full"], default="lora")
-    demo.add_argument("--epochs", type=float, default=1.0)
-    demo.add_argument("--lr", type=float)
-    demo.add_argument("--train-blocks", choices=["all", "top", "bottom"], default="all")
-    demo.add_argument("--workdir", help="keep the store, bundles and results here (default: a temp dir)")
+    demo.add_argument("--epochs", type=float, help="default: the training recipe's")
+    demo.add_argument("--lr", type=float, help="default: the training recipe's")
+    demo.add_argument("--train-blocks", choices=["all", "top", "bottom"], help="default: the training recipe's")
+    demo.add_argument(
+        "--workdir", default="runs/demo", help="store, bundles and results; kept, so a built emulator is reused"
+    )
     demo.set_defaults(handler=cmd_demo)
     return root
 

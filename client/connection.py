@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -49,15 +50,41 @@ class ClientTls:
         return grpc.ssl_channel_credentials(root_certificates=root, private_key=key, certificate_chain=chain)
 
 
+def is_local(server: str) -> bool:
+    """A loopback HOST:PORT or a Unix socket: traffic that never crosses a network."""
+    if server.startswith("unix:"):
+        return True
+    host = server.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class Remote:
     def __init__(
-        self, server: str, token: str | None = None, timeout: float | None = None, tls: ClientTls | None = None
+        self,
+        server: str,
+        token: str | None = None,
+        timeout: float | None = None,
+        tls: ClientTls | None = None,
+        insecure: bool = False,
     ):
         """`timeout` overrides the deadline of every call; by default unary calls get UNARY_DEADLINE_SECONDS and
-        streams STREAM_DEADLINE_SECONDS, so no call can hang forever."""
+        streams STREAM_DEADLINE_SECONDS, so no call can hang forever.
+
+        Without `tls`, a non-loopback owner is reached over TLS with the system's trusted roots, so the token never
+        crosses a network in clear; `insecure` opts out.
+        """
         token = token or os.environ.get(TOKEN_ENVIRONMENT)
         if not token and not (tls and tls.cert):
             raise ValueError(f"no tenant token: pass --token or set {TOKEN_ENVIRONMENT} (or present --cert/--key)")
+        if insecure and tls is not None:
+            raise ValueError("--insecure turns TLS off; it cannot go with --ca, --cert or --key")
+        if tls is None and not insecure and not is_local(server):
+            tls = ClientTls()
         options = [
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),

@@ -11,7 +11,6 @@ import math
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from importlib import resources
 from pathlib import Path
@@ -100,9 +99,23 @@ def _row(name: str, report: dict[str, Any], training: dict[str, Any] | None) -> 
     }
 
 
+Z_95 = 1.959964
+
+
+def gain_interval(plugged: float, zero_shot: float, n: int) -> tuple[float, float, float]:
+    """plug-in − zero-shot and its 95% CI from the two accuracies alone.
+
+    Treating the rows as independent samples is conservative: the same n examples are scored twice, and a paired
+    interval (which needs per-example outcomes the Evaluate RPC does not return) would be narrower.
+    """
+    difference = plugged - zero_shot
+    spread = Z_95 * math.sqrt((plugged * (1 - plugged) + zero_shot * (1 - zero_shot)) / n)
+    return difference, difference - spread, difference + spread
+
+
 def run_demo(args: argparse.Namespace) -> None:
     started = time.perf_counter()
-    workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="offsite-demo-"))
+    workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     train_data = args.train_data or str(sample_path("sst2_train.jsonl"))
     eval_data = args.eval_data or str(sample_path("sst2_dev.jsonl"))
@@ -143,13 +156,11 @@ def run_demo(args: argparse.Namespace) -> None:
             str(adapter_dir),
             "--limit",
             str(args.train_limit),
-            "--epochs",
-            str(args.epochs),
-            "--train-blocks",
-            args.train_blocks,
             *key,
         ]
-        training = run_json(train + (["--lr", str(args.lr)] if args.lr else []), env)
+        for flag, value in (("--epochs", args.epochs), ("--lr", args.lr), ("--train-blocks", args.train_blocks)):
+            train += [flag, str(value)] if value is not None else []
+        training = run_json(train, env)
         say("[demo] emulator + adapter, locally")
         emulator_adapter = run_json(
             [
@@ -200,6 +211,12 @@ def run_demo(args: argparse.Namespace) -> None:
         _row(f"plug-in: full model + {args.method} adapter (owner)", plugged, training),
     ]
     table = render_table(rows)
+    gain, low, high = gain_interval(plugged["accuracy"], full_zero["accuracy"], int(full_zero["examples"]))
+    verdict = "above the noise" if low > 0 else "below zero-shot beyond the noise" if high < 0 else "inside the noise"
+    summary = (
+        f"plug-in − zero-shot: {gain * 100:+.2f} points, 95% CI [{low * 100:+.2f}, {high * 100:+.2f}] "
+        f"on {int(full_zero['examples'])} rows (unpaired, conservative): {verdict}"
+    )
     results = {
         "ok": True,
         "model": args.model,
@@ -210,17 +227,19 @@ def run_demo(args: argparse.Namespace) -> None:
         "adapter_id": pushed["adapter_id"],
         "adapter_bytes": pushed["bytes"],
         "rows": rows,
+        "plug_in_gain": {"points": gain * 100, "ci_low": low * 100, "ci_high": high * 100, "verdict": verdict},
         "generated": sample["text"],
         "total_seconds": time.perf_counter() - started,
         "workdir": str(workdir),
     }
     (workdir / "demo_results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (workdir / "demo_results.md").write_text(table + "\n")
+    (workdir / "demo_results.md").write_text(table + "\n\n" + summary + "\n")
     if args.json:
         print(json.dumps(results, sort_keys=True), flush=True)
         return
     print()
     print(table)
     print()
+    print(summary)
     print(f"adapter {pushed['adapter_id'][:16]}… ({pushed['bytes'] / MiB:.2f} MiB) generated: {sample['text']!r}")
     print(f"demo finished in {results['total_seconds']:.0f} s; results in {workdir}/demo_results.md")

@@ -12,6 +12,7 @@ from typing import Any
 from tqdm import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from ..common import output_dir
 from ..common.examples import Example
 from ..common.manifest import verify_bundle
 from ..common.pema.memory import Memory
@@ -49,8 +50,11 @@ def _build(
     elif contexts_kind != TEACHER_FORCING:
         raise ValueError(f"contexts must be {TEACHER_FORCING} or {OWN_GENERATION}, not {contexts_kind!r}")
     info = {**info, "contexts": contexts_kind, "examples": len(contexts)}
-    with tqdm(total=len(contexts), desc="building memory", unit="ex", disable=not show_progress) as bar:
-        return build_memory(representer, contexts, out, dtype, info, progress=bar.update)
+    with (
+        output_dir.staged(out, output_dir.MEMORY) as work,
+        tqdm(total=len(contexts), desc="building memory", unit="ex", disable=not show_progress) as bar,
+    ):
+        return build_memory(representer, contexts, work, dtype, info, progress=bar.update)
 
 
 def build_memory_remote(
@@ -65,6 +69,7 @@ def build_memory_remote(
     contexts: str = TEACHER_FORCING,
 ) -> Memory:
     """Representations from the owner's full model; `head_dir` (a pulled head) supplies the tokenizer."""
+    output_dir.check(out, output_dir.MEMORY)  # before any token id leaves
     manifest = verify_bundle(head_dir, owner_key)
     card = remote.model_card()
     if card.base_fingerprint != manifest["base_fingerprint"]:
@@ -85,6 +90,7 @@ def build_memory_local(
     show_progress: bool = True,
     contexts: str = TEACHER_FORCING,
 ) -> Memory:
+    output_dir.check(out, output_dir.MEMORY)  # before the emulator loads
     emulator, tokenizer, manifest = load_emulator(emulator_dir, owner_key)
     info = {"source": f"emulator {manifest['id']}", "base_fingerprint": manifest["base_fingerprint"]}
     representer = LocalRepresenter(emulator)

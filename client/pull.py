@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -11,6 +10,7 @@ from typing import Any
 import grpc
 from tqdm import tqdm
 
+from ..common import output_dir
 from ..common.manifest import BundleError, verify_bundle
 from ..common.rpc import pb
 from .connection import Remote, RemoteError
@@ -79,23 +79,27 @@ def _pull_files(
     out: Path,
     owner_key: str | None,
     show_progress: bool,
+    kind: output_dir.BundleKind,
 ) -> dict[str, Any]:
-    """Downloads every file of one artifact into `out`, then verifies the signed manifest and every hash."""
-    out.mkdir(parents=True, exist_ok=True)
-    with tqdm(total=total, unit="B", unit_scale=True, desc=f"pull {artifact}", disable=not show_progress) as bar:
-        for name in files:
-            if Path(name).name != name or name.startswith("."):
-                raise BundleError(f"the owner offered an unsafe file name {name!r}")
-            target = out / name
-            partial = target.with_name(name + PARTIAL_SUFFIX)
-            if target.exists() and not partial.exists():
-                target.unlink()  # a previous complete pull: fetch afresh rather than trust it
-            _download(remote, artifact, name, target, bar)
-    try:
-        return verify_bundle(out, owner_key or card.owner_public_key)
-    except BundleError:
-        shutil.rmtree(out, ignore_errors=True)
-        raise
+    """Downloads every file of one artifact into staging, verifies the signed manifest and every hash, then moves
+    the bundle to `out`. A failed pull never touches `out`; a dropped one resumes from staging when run again."""
+    for name in files:
+        if Path(name).name != name or name.startswith("."):
+            raise BundleError(f"the owner offered an unsafe file name {name!r}")
+    with output_dir.staged(out, kind, resume=True) as work:
+        work.mkdir(exist_ok=True)
+        with tqdm(total=total, unit="B", unit_scale=True, desc=f"pull {artifact}", disable=not show_progress) as bar:
+            for name in files:
+                target = work / name
+                partial = target.with_name(name + PARTIAL_SUFFIX)
+                if target.exists() and not partial.exists():
+                    target.unlink()  # complete in an interrupted pull: fetch afresh rather than trust it
+                _download(remote, artifact, name, target, bar)
+        try:
+            return verify_bundle(work, owner_key or card.owner_public_key)
+        except BundleError:
+            output_dir.abandon(out)  # nothing of a bundle that does not verify is worth resuming
+            raise
 
 
 def _model_card(remote: Remote, owner_key: str | None) -> pb.ModelCard:
@@ -111,7 +115,15 @@ def pull_head(remote: Remote, out: Path, owner_key: str | None = None, show_prog
     if not card.head.id:
         raise ValueError("this owner offers no head artifact (it predates PEMA)")
     manifest = _pull_files(
-        remote, card, card.head.id, list(card.head.files), card.head.bytes, out, owner_key, show_progress
+        remote,
+        card,
+        card.head.id,
+        list(card.head.files),
+        card.head.bytes,
+        out,
+        owner_key,
+        show_progress,
+        output_dir.HEAD,
     )
     return {
         "artifact": card.head.id,
@@ -128,7 +140,9 @@ def pull_emulator(
 ) -> dict[str, Any]:
     card = _model_card(remote, owner_key)
     offer = choose_offer(card, emulator)
-    manifest = _pull_files(remote, card, offer.id, list(offer.files), offer.bytes, out, owner_key, show_progress)
+    manifest = _pull_files(
+        remote, card, offer.id, list(offer.files), offer.bytes, out, owner_key, show_progress, output_dir.EMULATOR
+    )
     return {
         "emulator": offer.id,
         "out": str(out),

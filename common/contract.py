@@ -8,11 +8,13 @@ MiB = 1024 * 1024
 CHUNK_BYTES = 1 * MiB  # what the owner sends per ArtifactChunk
 MAX_CHUNK_BYTES = 4 * MiB  # the most either side accepts in one chunk
 MAX_MESSAGE_BYTES = 8 * MiB  # gRPC send/receive cap; a chunk plus framing fits well inside
+MESSAGE_OVERHEAD_BYTES = 64 * 1024  # room for a message's fields and framing around its tensors
 
 # Uploads
 MAX_ADAPTER_BYTES = 256 * MiB
 MAX_ADAPTER_FILES = 8
 MAX_LORA_RANK = 256
+MAX_LORA_ALPHA = 4 * MAX_LORA_RANK
 ADAPTER_FILE_NAMES = frozenset(
     {"adapter_config.json", "adapter_model.safetensors", "pema_config.json", "pema_model.safetensors", "offsite.json"}
 )
@@ -36,7 +38,11 @@ STREAM_DEADLINE_SECONDS = 6 * 3600.0  # an evaluation of a large set on CPU can 
 MAX_EVAL_EXAMPLES = 20_000
 MAX_EXAMPLE_CHARS = 20_000
 MAX_NEW_TOKENS = 1024
-DEFAULT_MAX_LENGTH = 256
+CONTEXT_FALLBACK = 2048  # a model's context where its config names none (Bloom)
+DEFAULT_MAX_LENGTH = 256  # tokens per scored sequence (less where the model's context is shorter)
+MAX_EVAL_BATCH_TOKENS = 16_384  # per forward: the batch-size cap is this over the scored length (64 at 256)
+MAX_CHOICES = 32  # per example
+MAX_EVAL_FORWARDS = 40_000  # sequences scored per request: an example with k choices can take k
 
 # Represent (PEMA)
 HEAD_ARTIFACT = "head"
@@ -59,4 +65,4 @@ TOKEN_METADATA_KEY = "authorization"
 TOKEN_SCHEME = "Bearer "
 
 DEFAULT_MODEL = "smollm2-135m"
-DEFAULT_EMULATOR = "uniform:2-8-2"
+DEFAULT_EMULATOR = "distill:2-8-2"  # the one `bench/transfer.py` measures with three seeds

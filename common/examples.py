@@ -86,11 +86,37 @@ def encode(tokenizer: PreTrainedTokenizerBase, text: str, special: bool) -> list
     return list(tokenizer(text, add_special_tokens=special)["input_ids"])
 
 
+def leading_special_count(tokenizer: PreTrainedTokenizerBase) -> int:
+    """How many tokens (BOS, usually) the tokenizer puts before any text; 0 for tokenizers that add none."""
+    return len(encode(tokenizer, "", special=True))
+
+
+def keep_end(prompt_ids: list[int], room: int, lead: int) -> list[int]:
+    """The last tokens of a prompt that fit in `room`, its first `lead` tokens (BOS) always kept.
+
+    Long prompts lose their middle, not their start: a model never saw text without its BOS.
+    """
+    if len(prompt_ids) <= room:
+        return prompt_ids
+    lead = min(lead, room, len(prompt_ids))
+    tail = room - lead
+    return prompt_ids[:lead] + (prompt_ids[len(prompt_ids) - tail :] if tail else [])
+
+
+def end_of_sequence(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    return [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+
+
 def tokenize_for_training(
-    tokenizer: PreTrainedTokenizerBase, examples: Iterable[Example], max_length: int
+    tokenizer: PreTrainedTokenizerBase, examples: Iterable[Example], max_length: int, append_eos: bool = True
 ) -> list[TokenizedExample]:
-    """Loss on the completion only (prompt/completion) or on every token but the first (text)."""
+    """Loss on the completion (and the EOS after it) only, or on every token but the first (text).
+
+    The EOS teaches the adapter where an answer ends, so generation with it stops instead of rambling.
+    """
     out = []
+    lead = leading_special_count(tokenizer)
+    eos = end_of_sequence(tokenizer) if append_eos else []
     for example in examples:
         if example.text:
             ids = encode(tokenizer, example.text, special=True)[:max_length]
@@ -98,10 +124,8 @@ def tokenize_for_training(
             continue
         if not example.completion:
             raise DataError('training needs a "completion" (or "text") in every example')
-        completion = example.completion
-        prompt_ids = encode(tokenizer, example.prompt, special=True)
-        completion_ids = encode(tokenizer, completion, special=False)[: max_length - 1]
-        # Keep the end of a long prompt: the tokens nearest the completion matter most.
-        prompt_ids = prompt_ids[max(0, len(prompt_ids) + len(completion_ids) - max_length) :]
+        completion_ids = (encode(tokenizer, example.completion, special=False) + eos)[: max_length - 1 - lead]
+        # Keep the end of a long prompt (the tokens nearest the completion matter most) and its BOS.
+        prompt_ids = keep_end(encode(tokenizer, example.prompt, special=True), max_length - len(completion_ids), lead)
         out.append(TokenizedExample(prompt_ids + completion_ids, [IGNORE] * len(prompt_ids) + completion_ids))
     return out

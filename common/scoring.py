@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from peft import PeftModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .examples import IGNORE, Example, TokenizedExample, encode
+from .examples import IGNORE, Example, TokenizedExample, encode, keep_end, leading_special_count
+from .memory import PeakRss
 from .model_loading import ensure_pad_token
 
 ProgressCallback = Callable[[int, int], None]
@@ -79,28 +80,58 @@ class EvaluationReport:
     accuracy: float  # NaN when no example carries choices
     scored_choices: int
     seconds: float
+    # lm-eval's acc_norm: each choice's log-likelihood divided by its length in characters
+    accuracy_norm: float = float("nan")
+    peak_rss_bytes: int = 0  # the process's most resident memory during this evaluation
 
     def as_dict(self) -> dict[str, float | int]:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class ExampleScore:
+    """One example's scores: summed log-likelihood, token and character count of each continuation."""
+
+    logprobs: tuple[float, ...]
+    tokens: tuple[int, ...]
+    chars: tuple[int, ...]
+    gold: int | None  # index of the completion among the continuations; None for text and choice-only rows
+    has_choices: bool
+
+    @property
+    def predicted(self) -> int:
+        return max(range(len(self.logprobs)), key=self.logprobs.__getitem__)
+
+    @property
+    def predicted_norm(self) -> int:
+        return max(range(len(self.logprobs)), key=lambda i: self.logprobs[i] / max(self.chars[i], 1))
+
+    @property
+    def correct(self) -> bool:
+        return self.gold is not None and self.predicted == self.gold
+
+    @property
+    def correct_norm(self) -> bool:
+        return self.gold is not None and self.predicted_norm == self.gold
 
 
 def _continuations(example: Example) -> list[str]:
     return list(example.choices) if example.choices else [example.completion]
 
 
-def _queries_for(example: Example, tokenizer: PreTrainedTokenizerBase, max_length: int) -> list[_Query]:
+def _queries_for(example: Example, tokenizer: PreTrainedTokenizerBase, max_length: int, lead: int) -> list[_Query]:
     if example.text:
         ids = encode(tokenizer, example.text, special=True)[:max_length]
         return [_Query(ids, list(range(len(ids) - 1)), [[t] for t in ids[1:]])]
     prompt = encode(tokenizer, example.prompt, special=True)
-    options = [encode(tokenizer, c, special=False)[: max_length - 1] for c in _continuations(example)]
+    options = [encode(tokenizer, c, special=False)[: max_length - 1 - lead] for c in _continuations(example)]
     if all(len(o) == 1 for o in options):
         # Every continuation is one token: one forward over the prompt scores them all.
-        prompt = prompt[-max_length:]
+        prompt = keep_end(prompt, max_length, lead)
         return [_Query(prompt, [len(prompt) - 1], [[o[0] for o in options]])]
     queries = []
     for option in options:
-        kept = prompt[max(0, len(prompt) + len(option) - max_length) :]
+        kept = keep_end(prompt, max_length - len(option), lead)
         queries.append(
             _Query(kept + option, list(range(len(kept) - 1, len(kept) + len(option) - 1)), [[t] for t in option])
         )
@@ -135,6 +166,49 @@ def _run_queries(
     return results
 
 
+def score_examples(
+    model: PreTrainedModel | PeftModel,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[Example],
+    batch_size: int = 16,
+    max_length: int = 256,
+    progress: ProgressCallback | None = None,
+) -> list[ExampleScore]:
+    """Per-example log-likelihoods: of each text token, or of each continuation (the choices, or the completion)."""
+    pad_id = ensure_pad_token(tokenizer)
+    lead = leading_special_count(tokenizer)
+    per_example = [_queries_for(e, tokenizer, max_length, lead) for e in examples]
+    flat = [q for qs in per_example for q in qs]
+    scored = _run_queries(model.eval(), flat, pad_id, batch_size, progress)
+
+    out, k = [], 0
+    for example, queries in zip(examples, per_example, strict=True):
+        outputs = scored[k : k + len(queries)]
+        k += len(queries)
+        if example.text:
+            rows = outputs[0]
+            out.append(ExampleScore((sum(row[0] for row in rows),), (len(rows),), (len(example.text),), None, False))
+            continue
+        if len(queries) == 1 and len(queries[0].positions) == 1:
+            option_logprobs = list(outputs[0][0])
+            option_lengths = [1] * len(option_logprobs)
+        else:
+            option_logprobs = [sum(row[0] for row in output) for output in outputs]
+            option_lengths = [len(output) for output in outputs]
+        options = _continuations(example)
+        gold = options.index(example.completion) if example.completion else None
+        out.append(
+            ExampleScore(
+                tuple(option_logprobs),
+                tuple(option_lengths),
+                tuple(len(o) for o in options),
+                gold,
+                bool(example.choices),
+            )
+        )
+    return out
+
+
 def evaluate(
     model: PreTrainedModel | PeftModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -143,35 +217,21 @@ def evaluate(
     max_length: int = 256,
     progress: ProgressCallback | None = None,
 ) -> EvaluationReport:
-    """Loss and perplexity over completions / texts; accuracy over examples with choices."""
+    """Loss and perplexity over completions / texts; accuracy (and acc_norm) over examples with choices."""
     started = time.perf_counter()
-    pad_id = ensure_pad_token(tokenizer)
-    per_example = [_queries_for(e, tokenizer, max_length) for e in examples]
-    flat = [q for qs in per_example for q in qs]
-    scored = _run_queries(model.eval(), flat, pad_id, batch_size, progress)
-
-    nll, tokens, correct, with_choices, k = 0.0, 0, 0, 0, 0
-    for example, queries in zip(examples, per_example, strict=False):
-        outputs = scored[k : k + len(queries)]
-        k += len(queries)
-        if example.text:
-            nll -= sum(row[0] for row in outputs[0])
-            tokens += len(outputs[0])
+    with PeakRss() as rss:
+        scores = score_examples(model, tokenizer, examples, batch_size, max_length, progress)
+    nll, tokens, correct, correct_norm, with_choices = 0.0, 0, 0, 0, 0
+    for score in scores:
+        target = 0 if score.gold is None and not score.has_choices else score.gold
+        if target is None:
             continue
-        if len(queries) == 1 and len(queries[0].positions) == 1:
-            option_logprobs = outputs[0][0]
-            option_lengths = [1] * len(option_logprobs)
-        else:
-            option_logprobs = [sum(row[0] for row in out) for out in outputs]
-            option_lengths = [len(out) for out in outputs]
-        options = _continuations(example)
-        if example.completion:
-            gold = options.index(example.completion)
-            nll -= option_logprobs[gold]
-            tokens += option_lengths[gold]
-            if example.choices:
-                with_choices += 1
-                correct += int(max(range(len(options)), key=option_logprobs.__getitem__) == gold)
+        nll -= score.logprobs[target]
+        tokens += score.tokens[target]
+        if score.has_choices:
+            with_choices += 1
+            correct += int(score.correct)
+            correct_norm += int(score.correct_norm)
     loss = nll / tokens if tokens else float("nan")
     return EvaluationReport(
         examples=len(examples),
@@ -181,4 +241,6 @@ def evaluate(
         accuracy=correct / with_choices if with_choices else float("nan"),
         scored_choices=with_choices,
         seconds=time.perf_counter() - started,
+        accuracy_norm=correct_norm / with_choices if with_choices else float("nan"),
+        peak_rss_bytes=rss.peak,
     )

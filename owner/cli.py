@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
 from pathlib import Path
 
+from ..common import output_dir
 from ..common.architectures import UnsupportedArchitecture
 from ..common.cli_output import emit, fail, quiet_libraries
 from ..common.contract import (
@@ -27,7 +29,7 @@ from .emulator.placement import PLACEMENTS
 from .limits import TenantLimits
 from .server import BindRefused, ServerTls, start_server
 from .service import OwnerService
-from .store import Store
+from .store import STORE_UMASK, Store
 
 SHUTDOWN_GRACE_SECONDS = 10.0
 
@@ -86,17 +88,15 @@ def cmd_build_emulator(args: argparse.Namespace) -> None:
     given = (("steps", args.steps), ("data", args.data), ("place", args.place))
     options = "".join(f",{key}={value}" for key, value in given if value)
     spec = EmulatorSpec.parse(f"{args.method}:{args.layout}{options}")
+    out = Path(args.out)
+    output_dir.check(out, output_dir.EMULATOR)  # before the model loads
     store = Store(Path(args.store))
     loaded = load_model(args.model, cache_dir=store.models_dir)
-    manifest = build_emulator(
-        loaded.model,
-        loaded.tokenizer,
-        spec,
-        Path(args.out),
-        store.signing_key(),
-        fingerprint(loaded.model),
-        loaded.name,
-    )
+    # resume: a long build keeps its resumable state inside the staging directory
+    with output_dir.staged(out, output_dir.EMULATOR, resume=True) as work:
+        manifest = build_emulator(
+            loaded.model, loaded.tokenizer, spec, work, store.signing_key(), fingerprint(loaded.model), loaded.name
+        )
     emit(
         {
             "ok": True,
@@ -208,6 +208,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     quiet_libraries()
+    os.umask(STORE_UMASK)  # whatever the owner writes (store, bundles, keys) is its own until it shares it
     try:
         args.handler(args)
     except (

@@ -1,20 +1,38 @@
-"""Per-tenant limits: adapter quotas (count and bytes), concurrent streaming calls, Represent tokens per second."""
+"""Limits: per-tenant quotas (adapters, bytes, streams, Represent tokens per second) and the server's capacity.
+
+The server's numbers are sized together so that no set of tenants can hang it. Every streaming call holds one worker
+thread for as long as it lasts, so streams (all tenants together) may take at most MAX_STREAMS_TOTAL threads and
+UNARY_RESERVE more stay free for health checks and small calls. Past WORKERS calls in flight, gRPC refuses at once
+(RESOURCE_EXHAUSTED) instead of queueing calls behind threads that may never come free. A stream that waits on its
+client for STREAM_IDLE_SECONDS, or runs for STREAM_MAX_SECONDS, is cancelled, so idle streams cannot hold slots.
+"""
 
 from __future__ import annotations
 
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TypeVar
 
 from ..common.contract import (
     MAX_ADAPTERS_PER_TENANT,
     MAX_STREAMS_PER_TENANT,
     MAX_TENANT_BYTES,
     REPRESENT_TOKENS_PER_SECOND,
+    STREAM_DEADLINE_SECONDS,
 )
+
+MAX_STREAMS_TOTAL = 16  # streaming calls in flight, all tenants together: 4 tenants at their limit
+UNARY_RESERVE = 8  # worker threads streams can never take: health checks, model cards, listings
+WORKERS = MAX_STREAMS_TOTAL + UNARY_RESERVE
+STREAM_IDLE_SECONDS = 120.0  # waiting on the client (its next request, or room to send) for longer: cancelled
+STREAM_MAX_SECONDS = STREAM_DEADLINE_SECONDS  # the client's own deadline on a stream, enforced here too
+WATCHDOG_TICK_SECONDS = 1.0  # how often deadlines are checked, at most
+
+Item = TypeVar("Item")
 
 
 class LimitExceeded(Exception):
@@ -41,11 +59,27 @@ class TenantLimits:
             )
 
 
-class StreamSlots:
-    """Counts each tenant's streaming calls in flight and refuses one over the limit."""
+@dataclass(frozen=True)
+class ServerLimits:
+    workers: int = WORKERS
+    max_streams: int = MAX_STREAMS_TOTAL  # all tenants together; fewer than `workers`
+    stream_idle_seconds: float = STREAM_IDLE_SECONDS
+    stream_max_seconds: float = STREAM_MAX_SECONDS
 
-    def __init__(self, limit: int):
-        self.limit = limit
+    def __post_init__(self) -> None:
+        if not 0 <= self.max_streams < self.workers:
+            raise ValueError("streams must leave at least one worker thread free for unary calls and health checks")
+
+    @property
+    def max_concurrent_rpcs(self) -> int:
+        return self.workers  # one thread each: a call past them would wait, maybe forever, so it is refused
+
+
+class StreamSlots:
+    """Counts streaming calls in flight, per tenant and in all, and refuses one over either limit."""
+
+    def __init__(self, limit: int, total: int = MAX_STREAMS_TOTAL):
+        self.limit, self.total = limit, total
         self._open: Counter[str] = Counter()
         self._lock = threading.Lock()
 
@@ -56,6 +90,8 @@ class StreamSlots:
                     f"tenant {tenant} already has {self._open[tenant]} streaming calls in flight; the limit is "
                     f"{self.limit}"
                 )
+            if self._open.total() >= self.total:
+                raise LimitExceeded(f"the owner is serving {self.total} streaming calls, its limit; try again later")
             self._open[tenant] += 1
 
     def release(self, tenant: str) -> None:
@@ -91,3 +127,73 @@ class TokenRate:
                     f"tokens/s leaves {int(left)} now"
                 )
             self._buckets[tenant] = (left - tokens, now)
+
+
+@dataclass(eq=False)
+class StreamWatch:
+    """One streaming call's clock: when it started, and since when it has been waiting on its client."""
+
+    cancel: Callable[[], None]
+    started: float = field(default_factory=time.monotonic)
+    waiting_since: float | None = None
+
+    @contextmanager
+    def waiting(self) -> Iterator[None]:
+        self.waiting_since = time.monotonic()
+        try:
+            yield
+        finally:
+            self.waiting_since = None
+
+    def requests(self, iterator: Iterator[Item]) -> Iterator[Item]:
+        """`iterator`, with the wait for each item counted as idle."""
+        while True:
+            with self.waiting():
+                item = next(iterator, None)
+            if item is None:
+                return
+            yield item
+
+
+class StreamDeadlines:
+    """Cancels streaming calls idle (waiting on their client) past `idle` seconds, or running past `overall`.
+
+    One watchdog thread serves every call; it runs only while some call is watched.
+    """
+
+    def __init__(self, idle: float = STREAM_IDLE_SECONDS, overall: float = STREAM_MAX_SECONDS):
+        self.idle, self.overall = idle, overall
+        self.tick = min(WATCHDOG_TICK_SECONDS, idle / 4, overall / 4)
+        self._watches: set[StreamWatch] = set()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def watch(self, cancel: Callable[[], None]) -> StreamWatch:
+        watch = StreamWatch(cancel)
+        with self._lock:
+            self._watches.add(watch)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="stream-deadlines", daemon=True)
+                self._thread.start()
+        return watch
+
+    def forget(self, watch: StreamWatch) -> None:
+        with self._lock:
+            self._watches.discard(watch)
+
+    def _expired(self, watch: StreamWatch, now: float) -> bool:
+        waiting = watch.waiting_since
+        return now - watch.started > self.overall or (waiting is not None and now - waiting > self.idle)
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(self.tick)
+            now = time.monotonic()
+            with self._lock:
+                if not self._watches:
+                    self._thread = None
+                    return
+                expired = [w for w in self._watches if self._expired(w, now)]
+                self._watches.difference_update(expired)
+            for watch in expired:
+                watch.cancel()

@@ -14,12 +14,12 @@ from grpc_reflection.v1alpha import reflection
 from ..common.contract import MAX_MESSAGE_BYTES
 from ..common.rpc import pb, pb_grpc
 from .audit import AUDIT_FILE, AuditInterceptor, AuditLog
+from .limits import ServerLimits
 from .service import OwnerService
 from .servicer import OwnerServicer
 from .store import Store
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ModelOwner"].full_name
-WORKERS = 8
 
 
 class BindRefused(ValueError):
@@ -52,23 +52,30 @@ def is_loopback(listen: str) -> bool:
 
 
 def start_server(
-    service: OwnerService, store: Store, listen: str, insecure: bool = False, tls: ServerTls | None = None
+    service: OwnerService,
+    store: Store,
+    listen: str,
+    insecure: bool = False,
+    tls: ServerTls | None = None,
+    limits: ServerLimits | None = None,
 ) -> tuple[grpc.Server, int]:
     """Starts serving on `listen` (HOST:PORT; port 0 picks a free one) and returns the server and port."""
+    limits = limits or ServerLimits()
     if tls is None and not is_loopback(listen) and not insecure:
         raise BindRefused(
             f"refusing to listen on {listen} without TLS: anyone on that network could read the traffic. "
             "Bind a loopback address, or pass --insecure to accept the risk."
         )
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=WORKERS),
+        futures.ThreadPoolExecutor(max_workers=limits.workers),
         interceptors=[AuditInterceptor(AuditLog(store.root / AUDIT_FILE))],
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ],
+        maximum_concurrent_rpcs=limits.max_concurrent_rpcs,
     )
-    pb_grpc.add_ModelOwnerServicer_to_server(OwnerServicer(service, store), server)
+    pb_grpc.add_ModelOwnerServicer_to_server(OwnerServicer(service, store, limits), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", SERVICE_NAME):

@@ -23,16 +23,23 @@ from ..common.architectures import depth
 from ..common.contract import (
     ADAPTER_FILE_NAMES,
     CHUNK_BYTES,
+    CONTEXT_FALLBACK,
+    DEFAULT_MAX_LENGTH,
     HEAD_ARTIFACT,
     HEAD_FORMAT,
     MANIFEST_NAME,
     MAX_ADAPTER_BYTES,
     MAX_ADAPTER_FILES,
+    MAX_CHOICES,
     MAX_CHUNK_BYTES,
+    MAX_EVAL_BATCH_TOKENS,
     MAX_EVAL_EXAMPLES,
+    MAX_EVAL_FORWARDS,
+    MAX_MESSAGE_BYTES,
     MAX_NEW_TOKENS,
     MAX_REPRESENT_TOKENS,
     MAX_TOP_K,
+    MESSAGE_OVERHEAD_BYTES,
     REPRESENT_DTYPES,
     REPRESENT_LOG_PROBS,
 )
@@ -51,11 +58,39 @@ from .emulator import EmulatorSpec, build_emulator
 from .emulator.report_card import check_release
 from .generation import generate_stream
 from .limits import LimitExceeded, TenantLimits, TokenRate
-from .representations import RepresentationBatcher, Represented
+from .representations import ALL_LOG_PROBS, LAST_LOG_PROBS, NO_LOG_PROBS, RepresentationBatcher, Represented
 from .store import Store, new_record
 
 log = logging.getLogger(__name__)
 PLUGGED_CACHE_SIZE = 2
+CANCEL_POLL_SECONDS = 0.1  # how soon a waiting evaluation notices that its call ended
+WIRE_WIDTHS = {"float32": 4, "float16": 2, "bfloat16": 2}  # bytes per value of a Represent dtype
+TOP_K_ENTRY_BYTES = 8  # an int32 id and a float32 log-prob
+
+
+def context_length(config: Any) -> int | None:
+    """The most positions the model takes, where its config says (Bloom's ALiBi names none)."""
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _represent_response_bytes(
+    positions: int, hidden_size: int, vocab: int, dtype: str, log_probs: str, top_k: int
+) -> int:
+    """The tensor bytes of one RepresentResponse, known before any forward runs."""
+    size = positions * hidden_size * WIRE_WIDTHS[dtype]
+    if log_probs == "full":
+        size += positions * vocab * WIRE_WIDTHS["float32"]
+    elif log_probs == "top_k":
+        size += positions * top_k * TOP_K_ENTRY_BYTES
+    return size
+
+
+class EvaluationStopped(Exception):
+    """The call ended (cancelled or past a deadline): the evaluation stops at its next batch."""
 
 
 class OwnerError(Exception):
@@ -360,8 +395,16 @@ class OwnerService:
             return model
 
     def evaluate(
-        self, tenant: str, adapter_id: str, examples: list[Example], use_owner_data: bool, limit: int, batch_size: int
+        self,
+        tenant: str,
+        adapter_id: str,
+        examples: list[Example],
+        use_owner_data: bool,
+        limit: int,
+        batch_size: int,
+        stop: threading.Event | None = None,
     ) -> Iterator[Progress | EvaluationReport]:
+        """Progress events, then the report. Setting `stop` (the call ended) stops the work at its next batch."""
         if use_owner_data and examples:
             raise invalid("send examples or ask for the owner's data, not both")
         chosen = self.owner_examples if use_owner_data else examples
@@ -379,8 +422,27 @@ class OwnerService:
                 example.validate(f"example {index}")
             except DataError as error:
                 raise invalid(str(error)) from None
+            if len(example.choices) > MAX_CHOICES:
+                raise invalid(f"example {index} has {len(example.choices)} choices; at most {MAX_CHOICES}")
+        # Each choice of an example may be scored as its own sequence: bound the sequences, not only the examples.
+        forwards = sum(len(e.choices) if e.choices and not e.text else 1 for e in chosen)
+        if forwards > MAX_EVAL_FORWARDS:
+            raise invalid(f"the examples need up to {forwards} scored sequences; at most {MAX_EVAL_FORWARDS}")
+        max_length = min(DEFAULT_MAX_LENGTH, context_length(self.loaded.model.config) or DEFAULT_MAX_LENGTH)
+        most = max(1, MAX_EVAL_BATCH_TOKENS // max_length)
+        if batch_size > most:
+            raise invalid(
+                f"batch_size {batch_size} is too large: at most {most} sequences of up to {max_length} tokens "
+                f"({MAX_EVAL_BATCH_TOKENS} tokens) per forward"
+            )
         model = self._model_for(tenant, adapter_id)
+        stop = stop or threading.Event()
         events: queue.Queue[Progress | EvaluationReport | BaseException] = queue.Queue()
+
+        def progress(done: int, total: int) -> None:
+            if stop.is_set():
+                raise EvaluationStopped()
+            events.put(Progress(done, total))
 
         def work() -> None:
             try:
@@ -389,21 +451,31 @@ class OwnerService:
                         model,
                         self.loaded.tokenizer,
                         chosen,
-                        batch_size or self.eval_batch_size,
-                        progress=lambda done, total: events.put(Progress(done, total)),
+                        batch_size=batch_size or min(self.eval_batch_size, most),
+                        max_length=max_length,
+                        progress=progress,
                     )
                 )
             except BaseException as error:  # handed to the streaming thread, which re-raises it
                 events.put(error)
 
-        threading.Thread(target=work, daemon=True).start()
-        while True:
-            event = events.get()
-            if isinstance(event, BaseException):
-                raise event
-            yield event
-            if isinstance(event, EvaluationReport):
-                return
+        worker = threading.Thread(target=work, name=f"evaluate-{tenant}", daemon=True)
+        worker.start()
+        try:
+            while not stop.is_set():
+                try:
+                    event = events.get(timeout=CANCEL_POLL_SECONDS)
+                except queue.Empty:
+                    continue
+                if isinstance(event, BaseException):
+                    raise event
+                yield event
+                if isinstance(event, EvaluationReport):
+                    return
+        finally:
+            # However the call ends, the work ends first: no evaluation outlives the stream slot it was given.
+            stop.set()
+            worker.join()
 
     def generate(
         self,
@@ -423,6 +495,13 @@ class OwnerService:
             raise invalid("temperature must be in 0..10")
         if not 0 <= planned_length <= MAX_NEW_TOKENS:
             raise invalid(f"planned_length must be in 0..{MAX_NEW_TOKENS} (0: max_new_tokens)")
+        context = context_length(self.loaded.model.config) or CONTEXT_FALLBACK
+        prompt_tokens = len(encode(self.loaded.tokenizer, prompt, special=True))
+        if prompt_tokens + max_new_tokens > context:
+            raise invalid(
+                f"the prompt is {prompt_tokens} tokens; with max_new_tokens {max_new_tokens} it must fit the model's "
+                f"context of {context} tokens (at most {max(0, context - max_new_tokens)} prompt tokens)"
+            )
         record = self.store.get_adapter(tenant, adapter_id) if adapter_id else None
         if record is not None and record.method == PEMA:
             return self._generate_pema(adapter_id, prompt, max_new_tokens, planned_length)
@@ -467,14 +546,22 @@ class OwnerService:
             raise invalid("log_probs must be '', 'full' or 'top_k'")
         if log_probs == "top_k" and not 1 <= top_k <= min(MAX_TOP_K, vocab):
             raise invalid(f"top_k must be in 1..{min(MAX_TOP_K, vocab)}")
+        positions = 1 if last_only else len(ids)
+        size = _represent_response_bytes(
+            positions, int(self.loaded.model.config.hidden_size), vocab, dtype or "float32", log_probs, top_k
+        )
+        if size > MAX_MESSAGE_BYTES - MESSAGE_OVERHEAD_BYTES:  # refused before the work, not after
+            raise invalid(
+                f"the response would be {size} bytes, over the message limit of {MAX_MESSAGE_BYTES}; send fewer "
+                "tokens, or ask for last_only or top_k log-probs"
+            )
         try:
             self.represent_rate.take(tenant, len(ids))
         except LimitExceeded as error:
             raise OwnerError("RESOURCE_EXHAUSTED", str(error)) from None
-        result = self.representations.represent(ids)
-        if last_only:
-            return Represented(result.hidden[-1:], result.log_probs[-1:])
-        return result
+        wanted = NO_LOG_PROBS if not log_probs else LAST_LOG_PROBS if last_only else ALL_LOG_PROBS
+        result = self.representations.represent(ids, wanted)
+        return Represented(result.hidden[-1:], result.log_probs) if last_only else result
 
     # ListAdapters / DeleteAdapter
 

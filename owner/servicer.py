@@ -5,7 +5,9 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import threading
 from collections.abc import Callable, Iterator
+from contextlib import closing, contextmanager
 from typing import Any, TypeVar
 
 import grpc
@@ -13,12 +15,11 @@ import torch
 
 from ..common.contract import TOKEN_METADATA_KEY, TOKEN_SCHEME
 from ..common.examples import Example
-from ..common.memory import peak_rss_bytes
 from ..common.rpc import pb, pb_grpc
 from ..common.scoring import EvaluationReport
 from ..common.wire_tensors import WIRE_DTYPES, tensor_bytes
 from .audit import note_tenant
-from .limits import LimitExceeded, StreamSlots
+from .limits import LimitExceeded, ServerLimits, StreamDeadlines, StreamSlots, StreamWatch
 from .representations import Represented
 from .service import OwnerError, OwnerService, Progress
 from .store import Store
@@ -28,7 +29,10 @@ Handler = TypeVar("Handler", bound=Callable[..., Any])
 
 
 def rpc(method: Handler) -> Handler:
-    """Authenticates the caller, passes its tenant name, and turns OwnerError into a gRPC status."""
+    """Authenticates the caller, passes its tenant name, and turns OwnerError into a gRPC status.
+
+    A server-streaming method's responses go through `OwnerServicer.streamed`: a stream slot, and deadlines.
+    """
 
     @functools.wraps(method)
     def wrapper(self: OwnerServicer, request: Any, context: grpc.ServicerContext) -> Any:
@@ -36,8 +40,7 @@ def rpc(method: Handler) -> Handler:
         try:
             result = method(self, tenant, request, context)
             if isinstance(result, Iterator):
-                self.take_stream_slot(tenant, context)
-                return _guard_stream(result, context, lambda: self.streams.release(tenant))
+                return self.streamed(tenant, context, result)
             return result
         except OwnerError as error:
             context.abort(getattr(grpc.StatusCode, error.code), str(error))
@@ -45,13 +48,26 @@ def rpc(method: Handler) -> Handler:
     return wrapper  # type: ignore[return-value]
 
 
-def _guard_stream(stream: Iterator[Any], context: grpc.ServicerContext, on_end: Callable[[], None]) -> Iterator[Any]:
+def _send(responses: Iterator[Any], watch: StreamWatch, context: grpc.ServicerContext) -> Iterator[Any]:
     try:
-        yield from stream
+        for response in responses:
+            with watch.waiting():  # until gRPC asks for the next one: a slow reader is an idle client
+                yield response
     except OwnerError as error:
         context.abort(getattr(grpc.StatusCode, error.code), str(error))
     finally:
-        on_end()
+        # The responses' own cleanup (an evaluation joins its worker) runs before the slot is freed.
+        close = getattr(responses, "close", None)
+        if close is not None:
+            close()
+
+
+def ended_event(context: grpc.ServicerContext) -> threading.Event:
+    """Set when the call ends, however it ends: the plain-Python side stops its work on it."""
+    ended = threading.Event()
+    if not context.add_callback(ended.set):
+        ended.set()  # it has already ended
+    return ended
 
 
 def example_from_pb(message: pb.Example) -> Example:
@@ -67,11 +83,13 @@ def report_to_pb(report: EvaluationReport) -> pb.EvaluationReport:
         accuracy=report.accuracy,
         scored_choices=report.scored_choices,
         seconds=report.seconds,
-        peak_rss_bytes=peak_rss_bytes(),
+        peak_rss_bytes=report.peak_rss_bytes,
     )
 
 
-def encode_representation(result: Represented, dtype: str, log_probs: str, top_k: int) -> pb.RepresentResponse:
+def encode_representation(
+    result: Represented, dtype: str, log_probs: str, top_k: int, vocab_size: int
+) -> pb.RepresentResponse:
     """Raw little-endian tensors: compact, and exact in float32 (the client decodes with `decode_tensor`)."""
     positions, hidden_size = result.hidden.shape
     response = pb.RepresentResponse(
@@ -79,8 +97,10 @@ def encode_representation(result: Represented, dtype: str, log_probs: str, top_k
         hidden_size=hidden_size,
         dtype=dtype,
         hidden=tensor_bytes(result.hidden.to(WIRE_DTYPES[dtype])),
-        vocab_size=result.log_probs.shape[-1],
+        vocab_size=vocab_size,
     )
+    if result.log_probs is None:
+        return response
     if log_probs == "full":
         response.log_probs = tensor_bytes(result.log_probs)
     elif log_probs == "top_k":
@@ -91,16 +111,30 @@ def encode_representation(result: Represented, dtype: str, log_probs: str, top_k
 
 
 class OwnerServicer(pb_grpc.ModelOwnerServicer):
-    def __init__(self, service: OwnerService, store: Store):
+    def __init__(self, service: OwnerService, store: Store, limits: ServerLimits | None = None):
+        limits = limits or ServerLimits()
         self.service = service
         self.store = store
-        self.streams = StreamSlots(service.limits.max_streams)
+        self.streams = StreamSlots(service.limits.max_streams, limits.max_streams)
+        self.deadlines = StreamDeadlines(limits.stream_idle_seconds, limits.stream_max_seconds)
 
-    def take_stream_slot(self, tenant: str, context: grpc.ServicerContext) -> None:
+    @contextmanager
+    def stream_slot(self, tenant: str, context: grpc.ServicerContext) -> Iterator[StreamWatch]:
+        """Holds one of the tenant's stream slots, with the call watched for its idle and overall deadlines."""
         try:
             self.streams.acquire(tenant)
         except LimitExceeded as error:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
+        watch = self.deadlines.watch(context.cancel)
+        try:
+            yield watch
+        finally:
+            self.deadlines.forget(watch)
+            self.streams.release(tenant)
+
+    def streamed(self, tenant: str, context: grpc.ServicerContext, responses: Iterator[Any]) -> Iterator[Any]:
+        with self.stream_slot(tenant, context) as watch:
+            yield from _send(responses, watch, context)
 
     def authenticate(self, context: grpc.ServicerContext) -> str:
         """The tenant named by the bearer token, or else by the common name of a verified client certificate."""
@@ -140,7 +174,12 @@ class OwnerServicer(pb_grpc.ModelOwnerServicer):
         self, request_iterator: Iterator[pb.PushAdapterRequest], context: grpc.ServicerContext
     ) -> pb.PushAdapterResponse:
         tenant = self.authenticate(context)
-        self.take_stream_slot(tenant, context)
+        with self.stream_slot(tenant, context) as watch:
+            return self._push_adapter(tenant, watch.requests(request_iterator), context)
+
+    def _push_adapter(
+        self, tenant: str, request_iterator: Iterator[pb.PushAdapterRequest], context: grpc.ServicerContext
+    ) -> pb.PushAdapterResponse:
         try:
             first = next(request_iterator, None)
             if first is None or first.WhichOneof("part") != "header":
@@ -157,8 +196,6 @@ class OwnerServicer(pb_grpc.ModelOwnerServicer):
             result = self.service.push_adapter(tenant, header.emulator, files, chunks())
         except OwnerError as error:
             context.abort(getattr(grpc.StatusCode, error.code), str(error))
-        finally:
-            self.streams.release(tenant)
         return pb.PushAdapterResponse(
             adapter_id=result.adapter_id,
             method=result.method,
@@ -173,13 +210,21 @@ class OwnerServicer(pb_grpc.ModelOwnerServicer):
         self, tenant: str, request: pb.EvaluateRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.EvaluateEvent]:
         examples = [example_from_pb(e) for e in request.examples]
-        for event in self.service.evaluate(
-            tenant, request.adapter_id, examples, request.use_owner_data, request.limit, request.batch_size
-        ):
-            if isinstance(event, Progress):
-                yield pb.EvaluateEvent(progress=pb.Progress(done=event.done, total=event.total))
-            else:
-                yield pb.EvaluateEvent(report=report_to_pb(event))
+        events = self.service.evaluate(
+            tenant,
+            request.adapter_id,
+            examples,
+            request.use_owner_data,
+            request.limit,
+            request.batch_size,
+            ended_event(context),
+        )
+        with closing(events):  # closed when this stream is: the evaluation's work ends before its slot is freed
+            for event in events:
+                if isinstance(event, Progress):
+                    yield pb.EvaluateEvent(progress=pb.Progress(done=event.done, total=event.total))
+                else:
+                    yield pb.EvaluateEvent(report=report_to_pb(event))
 
     @rpc
     def Generate(
@@ -202,16 +247,22 @@ class OwnerServicer(pb_grpc.ModelOwnerServicer):
         self, request_iterator: Iterator[pb.RepresentRequest], context: grpc.ServicerContext
     ) -> Iterator[pb.RepresentResponse]:
         tenant = self.authenticate(context)
-        self.take_stream_slot(tenant, context)
-        return _guard_stream(self._represent(tenant, request_iterator), context, lambda: self.streams.release(tenant))
+        return self._represent(tenant, request_iterator, context)
 
-    def _represent(self, tenant: str, requests: Iterator[pb.RepresentRequest]) -> Iterator[pb.RepresentResponse]:
+    def _represent(
+        self, tenant: str, requests: Iterator[pb.RepresentRequest], context: grpc.ServicerContext
+    ) -> Iterator[pb.RepresentResponse]:
+        with self.stream_slot(tenant, context) as watch:
+            yield from _send(self._representations(tenant, watch.requests(requests)), watch, context)
+
+    def _representations(self, tenant: str, requests: Iterator[pb.RepresentRequest]) -> Iterator[pb.RepresentResponse]:
+        vocab = int(self.service.loaded.model.config.vocab_size)
         for request in requests:
             dtype = request.dtype or "float32"
             result = self.service.represent(
                 tenant, list(request.token_ids), dtype, request.log_probs, request.top_k, request.last_only
             )
-            yield encode_representation(result, dtype, request.log_probs, request.top_k)
+            yield encode_representation(result, dtype, request.log_probs, request.top_k, vocab)
 
     @rpc
     def ListAdapters(

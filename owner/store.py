@@ -44,6 +44,10 @@ CREATE TABLE IF NOT EXISTS adapters (
 );
 """
 TENANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+STORE_UMASK = 0o077  # the daemon's files (tenants' adapters, the registry, the audit log) are the owner's alone
+DIRECTORY_MODE = 0o700
+FILE_MODE = 0o600
+REGISTRY_FILE = "registry.sqlite"
 
 
 @dataclass(frozen=True)
@@ -75,11 +79,20 @@ def fsync_directory(path: Path) -> None:
 
 class Store:
     def __init__(self, root: Path):
+        """Opens (or makes) the store; it and its registry are readable by the owner only, whatever the umask.
+
+        Files written into it later follow the process's umask: `offsite-owner` sets STORE_UMASK.
+        """
         self.root = root
-        for sub in ("tmp", "adapters", "emulators", "models"):
-            (root / sub).mkdir(parents=True, exist_ok=True)
+        root.mkdir(parents=True, exist_ok=True)
+        for directory in (root, *(root / sub for sub in ("tmp", "adapters", "emulators", "models"))):
+            directory.mkdir(exist_ok=True)
+            directory.chmod(DIRECTORY_MODE)
+        registry = root / REGISTRY_FILE
+        registry.touch(mode=FILE_MODE)
+        registry.chmod(FILE_MODE)  # SQLite gives its -wal and -shm files the database's mode
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(root / "registry.sqlite", check_same_thread=False, isolation_level=None)
+        self._db = sqlite3.connect(registry, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)

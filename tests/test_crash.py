@@ -1,4 +1,4 @@
-"""CRaSh: linear CKA, adjacency-constrained clustering on a planted structure, and the bundle it builds."""
+"""CRaSh: linear CKA, adjacency-constrained clustering on a planted structure, sink tokens, and the bundle it builds."""
 
 from __future__ import annotations
 
@@ -13,7 +13,18 @@ from offsite.common.architectures import blocks, depth
 from offsite.common.model_loading import fingerprint, load_model
 from offsite.common.signing import load_or_create_private_key
 from offsite.owner.emulator import EmulatorSpec, build_emulator
-from offsite.owner.emulator.crash import cka_matrix, cluster_adjacent, linear_cka, representative
+from offsite.owner.emulator.crash import (
+    MEAN_POOLING,
+    POOLINGS,
+    cka_matrix,
+    cluster_adjacent,
+    linear_cka,
+    pooled,
+    representative,
+)
+from offsite.owner.emulator.statistics import counted_tokens
+
+PLANTED = [[0, 1], [2, 3, 4], [5], [6, 7, 8, 9]]
 
 
 def test_linear_cka_is_one_for_the_same_space_and_invariant_to_rotation_and_scale() -> None:
@@ -27,14 +38,49 @@ def test_linear_cka_is_one_for_the_same_space_and_invariant_to_rotation_and_scal
 
 def test_clustering_recovers_a_planted_run_structure() -> None:
     generator = torch.Generator().manual_seed(1)
-    planted = [[0, 1], [2, 3, 4], [5], [6, 7, 8, 9]]
     representations = []
-    for group in planted:
+    for group in PLANTED:
         base = torch.randn(300, 24, generator=generator)
         representations += [base + 0.3 * torch.randn(300, 24, generator=generator) for _ in group]
-    clusters = cluster_adjacent(cka_matrix(representations), len(planted))
-    assert clusters == planted
-    assert [representative(c) for c in clusters] == [0, 3, 5, 7]
+    clusters = cluster_adjacent(cka_matrix(representations), len(PLANTED))
+    assert clusters == PLANTED
+    assert [representative(c) for c in clusters] == [1, 3, 5, 8]  # the reference's cluster[len // 2]
+
+
+def _planted_block_states(windows: int = 48, length: int = 10, width: int = 24) -> list[torch.Tensor]:
+    """Per block [windows, length, width]: blocks of a planted group share a base state, the others do not."""
+    generator = torch.Generator().manual_seed(2)
+    states = []
+    for group in PLANTED:
+        base = torch.randn(windows, length, width, generator=generator)
+        states += [base + 0.3 * torch.randn(windows, length, width, generator=generator) for _ in group]
+    return states
+
+
+@pytest.mark.parametrize("pooling", POOLINGS)
+def test_cka_and_clustering_ignore_a_huge_norm_first_token(pooling: str) -> None:
+    states = _planted_block_states()
+    windows, length, width = states[0].shape
+    ids = torch.arange(3, 3 + windows * length).view(windows, length)  # no BOS anywhere
+    # A real sink: position 0 holds nearly the same state in every block, 1e4 times an ordinary token's norm.
+    sink = 1e4 * (torch.randn(width) + 0.1 * torch.randn(windows, width))
+    sunk = [block.clone() for block in states]
+    for block in sunk:
+        block[:, 0] = sink
+
+    def similarity(blocks: list[torch.Tensor]) -> torch.Tensor:
+        mask = counted_tokens(ids, blocks)
+        return cka_matrix([pooled(block, mask, pooling) for block in blocks])
+
+    with_sink = similarity(sunk)
+    every_other = [block[:, 1:] for block in states]  # the same blocks without position 0 at all
+    no_sink = cka_matrix([b.mean(dim=1) if pooling == MEAN_POOLING else b.flatten(0, 1) for b in every_other])
+    torch.testing.assert_close(with_sink, no_sink, rtol=0, atol=1e-6)
+    assert cluster_adjacent(with_sink, len(PLANTED)) == PLANTED
+
+    # Counting the sink, as a naive pooling does, makes every pair of blocks look alike.
+    naive = cka_matrix([b.mean(dim=1) if pooling == MEAN_POOLING else b.flatten(0, 1) for b in sunk])
+    assert float(naive.min()) > 0.99 and float(with_sink.min()) < 0.5
 
 
 def test_clustering_only_merges_neighbours() -> None:

@@ -1,4 +1,4 @@
-"""The distilled emulator: it lowers the NMSE on its data, trains only the middle, resumes, and bundles."""
+"""The distilled emulator: it lowers held-out NMSE, trains only the middle, resumes, bundles; its shipped corpus."""
 
 from __future__ import annotations
 
@@ -15,13 +15,31 @@ from offsite.common.model_loading import fingerprint, load_model
 from offsite.common.signing import load_or_create_private_key
 from offsite.owner.emulator import EmulatorSpec, build_emulator, distill, uniform
 from offsite.owner.emulator.bundle import materialize
-from offsite.owner.emulator.distill import DistillConfig, distill_middle, gap_exits, nmse
+from offsite.owner.emulator.distill import (
+    DEFAULT_TOKENS,
+    DistillConfig,
+    config_for,
+    distill_middle,
+    gap_exits,
+    kept_boundaries,
+    nmse,
+)
 from offsite.owner.emulator.layout import Layout, LayoutError
-from offsite.owner.emulator.public_text import PublicTextError, TextChunks, load_chunks
+from offsite.owner.emulator.public_text import (
+    GUTENBERG_HELDOUT_TEXT,
+    GUTENBERG_TEXT,
+    PublicTextError,
+    TextChunks,
+    load_chunks,
+    strip_gutenberg,
+)
 
 LAYOUT = Layout.parse(TINY_LAYOUT)
 ADAPTERS = LAYOUT.adapter_blocks(DEPTH)
 CONFIG = DistillConfig(steps=12, batch_size=4, seq_len=16, lr=3e-3, warmup_steps=2, eval_every=4)
+NOVEL_CHARS = 40_000  # of each shipped novel file: enough windows for the tiny model, seconds to tokenize
+HELDOUT_NMSE_WINDOWS = 64
+HELDOUT_NMSE_CUT = 0.2  # distillation must remove at least this share of the uniform drop's held-out NMSE
 
 
 @pytest.fixture()
@@ -35,6 +53,15 @@ def public_text(tmp_path: Path) -> Path:
     ]
     path.write_text(" ".join(sentences * 12))
     return path
+
+
+@pytest.fixture()
+def novels(tmp_path: Path) -> tuple[Path, Path]:
+    """The start of the shipped training novels and of the held-out novel, which shares no text with them."""
+    train, heldout = tmp_path / "novels.txt", tmp_path / "heldout.txt"
+    train.write_text(GUTENBERG_TEXT.read_text(encoding="utf-8")[:NOVEL_CHARS])
+    heldout.write_text(GUTENBERG_HELDOUT_TEXT.read_text(encoding="utf-8")[:NOVEL_CHARS])
+    return train, heldout
 
 
 def _middle_nmse(full, emulator, block_map: list[int], chunks: torch.Tensor) -> float:
@@ -73,25 +100,60 @@ def test_nmse_is_zero_for_a_perfect_student_and_scale_free() -> None:
     assert float(nmse(10 * teacher, 10 * teacher + 10)) == pytest.approx(float(nmse(teacher, teacher + 1)), rel=1e-4)
 
 
-def test_distillation_lowers_nmse_and_trains_only_the_middle(tiny_model_dir, public_text: Path, tmp_path: Path) -> None:
-    # Llama: on tiny GPT-2 the dropped blocks hardly matter, so there is nothing for perplexity to select.
-    loaded, block_map, text = _setup(tiny_model_dir, public_text)
+def test_distillation_cuts_heldout_nmse_and_trains_only_the_middle(
+    tiny_model_dir, novels: tuple[Path, Path], tmp_path: Path
+) -> None:
+    # Llama: on tiny GPT-2 the dropped blocks hardly matter, so there is nothing to distil.
+    loaded = load_model(str(tiny_model_dir("llama")))
+    text = load_chunks(loaded.tokenizer, novels[0], CONFIG.seq_len, 0.0, heldout_path=novels[1])
+    _pretrain(loaded.model, text.train)
+    block_map = uniform.select_blocks(loaded.model, LAYOUT)
     emulator = materialize(loaded.model, block_map)
     before_state = {k: v.clone() for k, v in emulator.state_dict().items()}
-    before = _middle_nmse(loaded.model, emulator, block_map, text.train)
+    # Held-out windows that not even the checkpoint choice saw.
+    heldout = text.heldout[CONFIG.max_heldout_chunks : CONFIG.max_heldout_chunks + HELDOUT_NMSE_WINDOWS]
+    before = _middle_nmse(loaded.model, emulator, block_map, heldout)
 
+    config = DistillConfig(steps=40, batch_size=4, seq_len=16, lr=3e-3, warmup_steps=4, eval_every=10)
     report = distill_middle(
-        loaded.model, emulator, block_map, ADAPTERS, text, CONFIG, tmp_path / "work", show_progress=False
+        loaded.model, emulator, block_map, ADAPTERS, text, config, tmp_path / "work", show_progress=False
     )
 
-    after = _middle_nmse(loaded.model, emulator, block_map, text.train)
-    assert after < 0.9 * before, f"NMSE {before:.4f} -> {after:.4f}"
-    assert report.best_heldout_perplexity <= report.start_heldout_perplexity
+    after = _middle_nmse(loaded.model, emulator, block_map, heldout)
+    print(f"held-out NMSE {before:.4f} -> {after:.4f}")
+    assert after <= (1 - HELDOUT_NMSE_CUT) * before, f"held-out NMSE {before:.4f} -> {after:.4f}"
+    assert report.best_heldout_nmse < report.start_heldout_nmse
     spec = spec_for(emulator.config)
     middle = tuple(block_prefix(spec, i) for i in range(LAYOUT.bottom, LAYOUT.bottom + LAYOUT.middle))
     changed = {k for k, v in emulator.state_dict().items() if not torch.equal(v, before_state[k])}
     assert changed, "distillation changed nothing"
     assert all(key.startswith(middle) for key in changed), sorted(changed)
+
+
+def test_kept_boundaries_pair_the_state_after_every_kept_middle_block() -> None:
+    # 1-2-1 of six blocks keeps 1 and 4: the student's state entering emulator block 2 (full block 4) is compared
+    # with the teacher's entering block 4, and the state entering the top adapter (block 5) with the teacher's.
+    assert kept_boundaries([0, 1, 4, 5], [0, 5], DEPTH) == [(4, 2), (5, 3)]
+    assert kept_boundaries([0, 2, 5], [0, 5], DEPTH) == [(5, 2)]
+    assert kept_boundaries([0, 3], [0], DEPTH) == [(DEPTH, 2)]  # no top adapter: the final state
+    # Adapters 1 and 3: block 0 is kept, the gap [2] keeps nothing but its exit still counts.
+    assert kept_boundaries([0, 1, 3, 4], [1, 3], DEPTH) == [(1, 1), (3, 2), (DEPTH, 4)]
+
+
+def test_the_budget_is_tokens_or_steps() -> None:
+    assert config_for({}).steps * config_for({}).tokens_per_step >= DEFAULT_TOKENS
+    assert config_for({"tokens": 1000}).steps == 2  # 512 tokens a step, rounded up
+    assert config_for({"steps": 7, "kd": 0.5}).steps == 7 and config_for({"kd": 0.5}).kd_weight == 0.5
+    with pytest.raises(LayoutError, match="not both"):
+        config_for({"steps": 7, "tokens": 1000})
+
+
+def test_logit_kd_trains_too(tiny_model_dir, public_text: Path, tmp_path: Path) -> None:
+    loaded, block_map, text = _setup(tiny_model_dir, public_text)
+    emulator = materialize(loaded.model, block_map)
+    config = DistillConfig(steps=4, batch_size=4, seq_len=16, lr=3e-3, warmup_steps=1, eval_every=4, kd_weight=1.0)
+    report = distill_middle(loaded.model, emulator, block_map, ADAPTERS, text, config, tmp_path, show_progress=False)
+    assert report.steps == 4 and report.last_nmse == report.last_nmse  # finite, not nan
 
 
 def test_an_interrupted_distillation_resumes_where_it_stopped(
@@ -196,3 +258,25 @@ def test_too_little_public_text_is_explained(tiny_model_dir, tmp_path: Path) -> 
         load_chunks(loaded.tokenizer, short, 16, 0.1)
     with pytest.raises(PublicTextError, match="cannot read public text"):
         load_chunks(loaded.tokenizer, tmp_path / "missing.txt", 16, 0.1)
+
+
+def test_gutenberg_header_and_licence_are_stripped() -> None:
+    raw = (
+        "\ufeffThe Project Gutenberg EBook of A Tale, by Someone\r\n\r\nThis eBook is for the use of anyone\r\n"
+        "*** START OF THIS PROJECT GUTENBERG EBOOK A TALE ***\r\n\r\n\r\nProduced by A. Volunteer\r\n\r\n"
+        "CHAPTER I.\r\n\r\nIt was a dark\r\nand stormy night.\r\n\r\n"
+        "End of the Project Gutenberg EBook of A Tale, by Someone\r\n\r\n"
+        "*** END OF THIS PROJECT GUTENBERG EBOOK A TALE ***\r\n\r\nSection 1. General Terms of Use\r\n"
+    )
+    assert strip_gutenberg(raw) == "CHAPTER I.\n\nIt was a dark\nand stormy night."
+    with pytest.raises(PublicTextError, match="START and END"):
+        strip_gutenberg("just a story, no markers")
+
+
+def test_the_shipped_corpus_is_stripped_and_disjoint() -> None:
+    train, heldout = (path.read_text(encoding="utf-8") for path in (GUTENBERG_TEXT, GUTENBERG_HELDOUT_TEXT))
+    for text in (train, heldout):
+        assert "\r" not in text and "\ufeff" not in text and "gutenberg" not in text.lower()
+    assert GUTENBERG_TEXT.stat().st_size + GUTENBERG_HELDOUT_TEXT.stat().st_size < 3_000_000
+    paragraphs = {p for p in train.split("\n\n") if len(p) > 200}
+    assert not paragraphs & set(heldout.split("\n\n"))

@@ -43,8 +43,11 @@ def test_workflow_through_the_cli(family: str, tiny_model_dir, daemon, tmp_path:
     _, local, _ = cli("eval", "--emulator", str(emulator), "--adapter", str(adapter), "--data", str(dev))
     assert local["examples"] == 10 and local["where"] == "local emulator"
     _, pushed, _ = cli("push", "--server", address, "--adapter", str(adapter), env=env)
-    _, remote, _ = cli("eval", "--server", address, "--adapter-id", pushed["adapter_id"], "--data", str(dev), env=env)
-    _, zero_shot, _ = cli("eval", "--server", address, "--data", str(dev), env=env)
+    code, refused, _ = cli("eval", "--server", address, "--data", str(dev), env=env, check=False)
+    assert code == 2 and "--yes" in refused["error"], "the owner sees the examples: the CLI asks first"
+    on_owner = ["eval", "--server", address, "--yes", "--data", str(dev)]
+    _, remote, _ = cli(*on_owner, "--adapter-id", pushed["adapter_id"], env=env)
+    _, zero_shot, _ = cli(*on_owner, env=env)
     assert remote["loss"] != zero_shot["loss"]
 
     # The owner's plug-in through the server equals an in-process plug-in of the same adapter.

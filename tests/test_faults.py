@@ -148,7 +148,8 @@ def test_sigterm_refuses_new_calls_drains_the_one_in_flight_and_exits(tiny_model
     process, address = _start_daemon(tiny_model_dir("llama"), tmp_path / "store")
     try:
         with Remote(address, token, timeout=60) as remote:
-            stream = remote.generate(pb.GenerateRequest(prompt="Review: fine", max_new_tokens=600))
+            # a long generation, within the tiny model's 256-token context
+            stream = remote.generate(pb.GenerateRequest(prompt="Review: fine", max_new_tokens=240))
             first = next(stream)
             process.send_signal(signal.SIGTERM)
             time.sleep(0.5)  # the daemon has stopped accepting calls

@@ -41,7 +41,7 @@ def _relative_error(rank: int) -> float:
     with torch.no_grad():
         reference = layer(inputs)
         stats = OutputStatistics(16)
-        stats.add(reference)
+        stats.add(reference, torch.ones(reference.shape[0], dtype=torch.bool))
         project_layer(layer, projector(*stats.mean_and_covariance(), rank).float())
         return float((layer(inputs) - reference).norm() / reference.norm())
 
@@ -57,7 +57,7 @@ def test_the_projection_keeps_the_mean_of_a_bias_free_layer() -> None:
     with torch.no_grad():
         reference = layer(inputs)
         stats = OutputStatistics(16)
-        stats.add(reference)
+        stats.add(reference, torch.ones(reference.shape[0], dtype=torch.bool))
         project_layer(layer, projector(*stats.mean_and_covariance(), 1).float())
         torch.testing.assert_close(layer(inputs).mean(0), reference.mean(0), rtol=1e-4, atol=1e-4)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -10,6 +9,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from ...common import output_dir
 from ...common.adapter_format import FULL, LORA, METHODS, adapter_manifest_body
 from ...common.architectures import spec_for
 from ...common.examples import Example, tokenize_for_training
@@ -76,9 +76,8 @@ def train_adapter(
     data = tokenize_for_training(tokenizer, examples, config.max_length)
     stats = fit(model, data, ensure_pad_token(tokenizer), config, show_progress)
 
-    partial = out.with_name(out.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
+    partial = output_dir.begin(out, output_dir.ADAPTER)  # refuses an --out holding anything but an adapter
+    partial.mkdir()
     if config.method == LORA:
         parameters = lora.export(model, spec, mapping, manifest.get("base_model", ""), partial)
     else:
@@ -86,9 +85,7 @@ def train_adapter(
         parameters = full.export(model, spec, mapping, partial)
     extra = {"training": {**asdict(config), "lr": config.lr, "examples": len(examples), "steps": stats.steps}}
     write_manifest(partial, adapter_manifest_body(config.method, manifest, extra))
-    if out.exists():
-        shutil.rmtree(out)
-    partial.rename(out)
+    output_dir.commit(partial, out, output_dir.ADAPTER)
     return TrainResult(
         str(out),
         config.method,

@@ -1,4 +1,4 @@
-"""The training loop: completion-only loss, AdamW, linear schedule, progress bar."""
+"""The training loop: completion-only loss, AdamW, linear warm-up then cosine decay, progress bar."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
-from transformers import get_linear_schedule_with_warmup
+from transformers import get_cosine_schedule_with_warmup
 
 from ...common.examples import TokenizedExample
 from ...common.scoring import collate, completion_nll
@@ -33,7 +33,7 @@ def fit(
     steps_per_epoch = math.ceil(len(data) / config.batch_size)
     total = max(1, math.ceil(steps_per_epoch * config.epochs))
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=0.0)
-    schedule = get_linear_schedule_with_warmup(optimizer, int(total * config.warmup_fraction), total)
+    schedule = get_cosine_schedule_with_warmup(optimizer, int(total * config.warmup_fraction), total)
     rng = random.Random(config.seed)
     torch.manual_seed(config.seed)
     model.train()

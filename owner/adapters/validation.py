@@ -25,6 +25,7 @@ from ...common.contract import (
     HEAD_ARTIFACT,
     HEAD_FORMAT,
     MANIFEST_NAME,
+    MAX_LORA_ALPHA,
     MAX_LORA_RANK,
     MAX_PEMA_RANK,
     PEMA_CONFIG_FILE,
@@ -33,18 +34,72 @@ from ...common.contract import (
 from ...common.pema.bundle import pema_shapes
 from ...common.pema.config import PemaConfig
 
-# PEFT config fields that would widen what the adapter may change, or make PEFT import a named module.
-_FORBIDDEN_LORA_FIELDS = (
-    "modules_to_save",
-    "layer_replication",
-    "megatron_config",
-    "trainable_token_indices",
-    "target_parameters",
-    "rank_pattern",
-    "alpha_pattern",
-    "use_dora",
-    "runtime_config",
+# adapter_config.json is checked against an allowlist: a field not named here is refused, so that an option of a
+# newer PEFT that widens what an adapter may do (or makes PEFT import a named module) is refused until reviewed.
+_LORA_CHECKED_FIELDS = frozenset(
+    {"peft_type", "r", "lora_alpha", "lora_dropout", "target_modules", "layers_to_transform", "layers_pattern", "bias"}
 )
+_LORA_TEXT_FIELDS = frozenset({"task_type", "base_model_name_or_path", "revision", "peft_version"})  # descriptive
+_LORA_BOOLEAN_FIELDS = frozenset({"inference_mode", "fan_in_fan_out", "init_lora_weights", "use_rslora"})
+# Fields that may only hold a value that asks for nothing beyond plain LoRA.
+_LORA_NEUTRAL_FIELDS: dict[str, tuple[Any, ...]] = {
+    "auto_mapping": (None,),
+    "exclude_modules": (None, []),
+    "modules_to_save": (None, []),
+    "rank_pattern": ({},),
+    "alpha_pattern": ({},),
+    "megatron_config": (None,),
+    "megatron_core": (None, "megatron.core"),
+    "trainable_token_indices": (None,),
+    "loftq_config": ({}, None),
+    "eva_config": (None,),
+    "corda_config": (None,),
+    "lora_ga_config": (None,),
+    "velora_config": (None,),
+    "monteclora_config": (None,),
+    "use_dora": (False,),
+    "alora_invocation_tokens": (None,),
+    "use_qalora": (False,),
+    "qalora_group_size": tuple(2**i for i in range(11)),  # read only with use_qalora
+    "layer_replication": (None,),
+    "runtime_config": (None, {}, {"ephemeral_gpu_offload": False}),
+    "lora_bias": (False,),
+    "target_parameters": (None, []),
+    "use_bdlora": (None, False),
+    "arrow_config": (None,),
+    "kasa_config": (None,),
+    "ensure_weight_tying": (False,),
+}
+
+
+def _same(value: Any, allowed: Any) -> bool:
+    return type(value) is type(allowed) and value == allowed  # 0 is not False, 1.0 is not 1
+
+
+def _check_lora_fields(config: dict[str, Any]) -> None:
+    for name, value in sorted(config.items()):
+        if name in _LORA_CHECKED_FIELDS:
+            continue
+        if name in _LORA_TEXT_FIELDS:
+            ok = value is None or isinstance(value, str)
+        elif name in _LORA_BOOLEAN_FIELDS:
+            ok = isinstance(value, bool)
+        elif name in _LORA_NEUTRAL_FIELDS:
+            ok = any(_same(value, allowed) for allowed in _LORA_NEUTRAL_FIELDS[name])
+        else:
+            raise AdapterRejected(f"{ADAPTER_CONFIG_FILE}: field {name!r} is not allowed")
+        if not ok:
+            raise AdapterRejected(f"{ADAPTER_CONFIG_FILE}: {name} is not allowed to be {value!r}")
+    alpha = config.get("lora_alpha")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha <= MAX_LORA_ALPHA:
+        raise AdapterRejected(f"{ADAPTER_CONFIG_FILE}: lora_alpha must be a number in (0, {MAX_LORA_ALPHA}]")
+    dropout = config.get("lora_dropout", 0.0)
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise AdapterRejected(f"{ADAPTER_CONFIG_FILE}: lora_dropout must be a number in [0, 1)")
+
+
+def _refuse_constant(name: str) -> None:
+    raise AdapterRejected(f"{name} is not a number JSON allows")
 
 
 class AdapterRejected(ValueError):
@@ -67,9 +122,11 @@ class ValidatedAdapter:
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        value = json.loads(path.read_text(encoding="utf-8"))
+        value = json.loads(path.read_text(encoding="utf-8"), parse_constant=_refuse_constant)  # no NaN/Infinity
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise AdapterRejected(f"{path.name} is not valid JSON: {error}") from None
+    except AdapterRejected as error:
+        raise AdapterRejected(f"{path.name}: {error}") from None
     if not isinstance(value, dict):
         raise AdapterRejected(f"{path.name} must hold a JSON object")
     return value
@@ -97,9 +154,7 @@ def _check_lora(
     pattern = lora_key_pattern(spec)
     if config.get("peft_type") != "LORA":
         raise AdapterRejected(f"{ADAPTER_CONFIG_FILE}: peft_type must be LORA, not {config.get('peft_type')!r}")
-    for name in _FORBIDDEN_LORA_FIELDS:
-        if config.get(name):
-            raise AdapterRejected(f"{ADAPTER_CONFIG_FILE}: {name} is not allowed (got {config[name]!r})")
+    _check_lora_fields(config)
     if config.get("bias", "none") != "none":
         raise AdapterRejected(f"{ADAPTER_CONFIG_FILE}: bias must be 'none'")
     layers = config.get("layers_to_transform")

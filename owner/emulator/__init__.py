@@ -13,13 +13,19 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ...common.architectures import depth
 from ...common.signing import canonical_json
-from . import crash, distill, lowrank, uniform
+from . import crash, distill, gradot, lowrank, uniform
 from .bundle import write_bundle
 from .interface import Builder, BuildRequest, parse_options
 from .layout import Layout, LayoutError
 from .report_card import measure
 
-BUILDERS: dict[str, Builder] = {"uniform": uniform, "distill": distill, "crash": crash, "lowrank": lowrank}
+BUILDERS: dict[str, Builder] = {
+    "uniform": uniform,
+    "distill": distill,
+    "crash": crash,
+    "lowrank": lowrank,
+    "gradot": gradot,
+}
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,19 @@
 """Offsite-Tuning's distilled emulator: start from the uniform drop, then train only the kept middle blocks.
 
-The teacher is the full model's original middle stack; the student is the emulator. Both see the same public text,
-and the loss is `LM + nmse_weight · NMSE` on the hidden state that leaves the middle (the input of the top adapter);
-with an importance placement (`place=`) there are several gaps, and the NMSE is averaged over the state leaving each.
-The adapter blocks, embeddings, final norm and head stay frozen, so the bargain (what the data owner may train)
-does not change.
+The teacher is the full model; the student is the emulator. Both read the same public text: by default the shipped
+excerpts of ten Project Gutenberg novels, general prose disjoint from every evaluation task. The loss is
+
+    LM + nmse_weight · mean NMSE over the kept boundaries + kd_weight · KL(teacher ‖ student next-token distribution)
+
+where a kept boundary is the state entering each block that follows a kept middle block: the student's state there
+should be the teacher's state entering the same full-model block (for the last kept block of a gap, the state that
+leaves the gap, i.e. the input of the next adapter block). Logit KD is off unless `kd=` gives it a weight.
+
+The budget is `tokens=` (or `steps=`); the run checkpoints every `eval_every` steps into the build's work directory,
+resumes from there after a crash, shows a progress bar, and keeps the checkpoint with the lowest loss (LM +
+nmse_weight · NMSE at the gap exits) on the first windows of a held-out novel (Frankenstein) that it never trains
+on; the report card scores the last windows of that novel. The adapter blocks, embeddings, final norm and head stay
+frozen, so the bargain (what the data owner may train) does not change.
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 from transformers import PreTrainedModel
@@ -26,26 +36,38 @@ from transformers import PreTrainedModel
 from ...common.architectures import block_prefix, depth, spec_for
 from . import uniform
 from .interface import BuildRequest, Built, positive_int
+from .layout import LayoutError
 from .placement import gaps, parse_placement
-from .public_text import TextChunks, load_chunks, window_perplexity
+from .public_text import GUTENBERG_HELDOUT_TEXT, GUTENBERG_TEXT, TextChunks, load_chunks
 
 PROGRESS_FILE = "progress.json"
 STATE_FILE = "state.safetensors"
 BEST_FILE = "best.safetensors"
+IGNORE_INDEX = -100
+DEFAULT_TOKENS = 98_304  # 192 steps of 4 × 128 tokens: about 13 minutes for SmolLM2 2-8-2 on 2 cores
 
 
 @dataclass(frozen=True)
 class DistillConfig:
-    steps: int = 200
+    steps: int = 192
     batch_size: int = 4
     seq_len: int = 128
     lr: float = 1e-4
     warmup_steps: int = 10
     nmse_weight: float = 30.0
-    eval_every: int = 50
-    heldout_fraction: float = 0.05
+    kd_weight: float = 0.0
+    eval_every: int = 48
+    heldout_fraction: float = 0.05  # of a `data=` file; the shipped corpus holds out a whole novel instead
     max_heldout_chunks: int = 32  # keeps each checkpoint evaluation to seconds on CPU
     seed: int = 0
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.seq_len
+
+    def with_tokens(self, tokens: int) -> DistillConfig:
+        """The same run with as many steps as `tokens` training tokens need (rounded up)."""
+        return DistillConfig(**{**asdict(self), "steps": math.ceil(tokens / self.tokens_per_step)})
 
 
 @dataclass
@@ -54,6 +76,8 @@ class DistillReport:
     best_step: int
     best_heldout_perplexity: float
     start_heldout_perplexity: float
+    best_heldout_nmse: float  # at the gap exits, on the held-out windows
+    start_heldout_nmse: float
     first_nmse: float
     last_nmse: float
     seconds: float
@@ -72,6 +96,20 @@ def gap_exits(block_map: list[int], adapters: list[int], total_depth: int) -> li
     for run in gaps(adapters, total_depth):
         exits.append((run[-1] + 1, sum(1 for block in block_map if block <= run[-1])))
     return exits
+
+
+def kept_boundaries(block_map: list[int], adapters: list[int], total_depth: int) -> list[tuple[int, int]]:
+    """`hidden_states` indices (teacher, student) of the state after every kept middle block and at every gap exit.
+
+    The student's state entering its block i should be the teacher's state entering full-model block block_map[i];
+    after the model's last block both are the final state. A gap that keeps no block still has its exit compared.
+    """
+    after_kept = {
+        (block_map[position] if position < len(block_map) else total_depth, position)
+        for position in range(1, len(block_map) + 1)
+        if block_map[position - 1] not in adapters
+    }
+    return sorted(after_kept | set(gap_exits(block_map, adapters, total_depth)))
 
 
 def middle_parameters(
@@ -97,6 +135,48 @@ def batch_order(count: int, batch_size: int, seed: int, step: int) -> list[int]:
     order = list(range(count))
     random.Random(seed * 1_000_003 + epoch).shuffle(order)
     return order[position * batch_size : (position + 1) * batch_size]
+
+
+def logit_kd(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+    """KL(teacher ‖ student) of the next-token distributions, averaged over tokens."""
+    vocab = student_logits.shape[-1]
+    return F.kl_div(
+        F.log_softmax(student_logits.float().reshape(-1, vocab), dim=-1),
+        F.log_softmax(teacher_logits.float().reshape(-1, vocab), dim=-1),
+        log_target=True,
+        reduction="batchmean",
+    )
+
+
+def heldout_loss(config: DistillConfig, perplexity: float, exit_nmse: float) -> float:
+    """What picks the checkpoint: the training loss without KD, on held-out text and at the gap exits only."""
+    return math.log(perplexity) + config.nmse_weight * exit_nmse
+
+
+class HeldOut:
+    """The held-out windows and the teacher's states at the gap exits on them, computed once (the teacher is frozen)."""
+
+    def __init__(self, full: PreTrainedModel, windows: torch.Tensor, exits: list[tuple[int, int]], batch_size: int):
+        self.windows, self.exits, self.batch_size = windows, exits, batch_size
+        with torch.no_grad():
+            self.targets = [
+                [full.base_model(input_ids=batch, output_hidden_states=True).hidden_states[t] for t, _ in exits]
+                for batch in windows.split(batch_size)
+            ]
+
+    @torch.no_grad()
+    def score(self, emulator: PreTrainedModel) -> tuple[float, float]:
+        """The emulator's perplexity on the windows and its NMSE against the teacher at the gap exits."""
+        was_training = emulator.training
+        emulator.eval()
+        loss = distance = 0.0
+        for batch, targets in zip(self.windows.split(self.batch_size), self.targets, strict=True):
+            out = emulator(input_ids=batch, labels=batch, output_hidden_states=True)
+            loss += float(out.loss) * len(batch)
+            exits = [nmse(target, out.hidden_states[s]) for target, (_, s) in zip(targets, self.exits, strict=True)]
+            distance += float(torch.stack(exits).mean()) * len(batch)
+        emulator.train(was_training)
+        return math.exp(loss / len(self.windows)), distance / len(self.windows)
 
 
 class _Checkpoint:
@@ -165,10 +245,11 @@ def distill_middle(
     checkpoint_dir: Path,
     show_progress: bool = True,
 ) -> DistillReport:
-    """Trains `emulator`'s non-adapter blocks in place; leaves the best checkpoint by held-out perplexity loaded."""
+    """Trains `emulator`'s non-adapter blocks in place; leaves the checkpoint with the best `heldout_loss` loaded."""
     started = time.perf_counter()
     torch.manual_seed(config.seed)
-    exits = gap_exits(block_map, adapters, depth(full.config))
+    total = depth(full.config)
+    boundaries = kept_boundaries(block_map, adapters, total)
     full.eval()
     for parameter in emulator.parameters():
         parameter.requires_grad_(False)
@@ -176,14 +257,22 @@ def distill_middle(
     for parameter in params.values():
         parameter.requires_grad_(True)
     optimizer = torch.optim.AdamW(list(params.values()), lr=config.lr, weight_decay=0.0)
-    heldout = text.heldout[: config.max_heldout_chunks]
+    heldout = HeldOut(full, text.heldout[: config.max_heldout_chunks], gap_exits(block_map, adapters, total), 4)
     identity = {"config": asdict(config), "text_sha256": text.sha256, "block_map": block_map}
     checkpoint = _Checkpoint(checkpoint_dir, identity)
 
     progress = checkpoint.load(params, optimizer)
     if progress is None:
-        start = window_perplexity(emulator, heldout, config.batch_size)
-        progress = {"step": 0, "start_perplexity": start, "best_perplexity": start, "best_step": 0, "nmse": []}
+        perplexity, distance = heldout.score(emulator)
+        progress = {
+            "step": 0,
+            "start_perplexity": perplexity,
+            "best_perplexity": perplexity,
+            "start_heldout_nmse": distance,
+            "best_heldout_nmse": distance,
+            "best_step": 0,
+            "nmse": [],
+        }
         checkpoint.save_best(params)
     start_step = progress["step"]
     nmse_history: list[float] = progress["nmse"]
@@ -192,11 +281,13 @@ def distill_middle(
     with tqdm(total=config.steps, initial=start_step, desc="distilling", unit="step", disable=not show_progress) as bar:
         for step in range(start_step, config.steps):
             batch = text.train[batch_order(len(text.train), config.batch_size, config.seed, step)]
-            with torch.no_grad():
-                targets = full.base_model(input_ids=batch, output_hidden_states=True).hidden_states
+            with torch.no_grad():  # the teacher is frozen: its targets for this batch, computed once
+                teacher = (full if config.kd_weight else full.base_model)(input_ids=batch, output_hidden_states=True)
             out = emulator(input_ids=batch, labels=batch, output_hidden_states=True)
-            distance = torch.stack([nmse(targets[t], out.hidden_states[s]) for t, s in exits]).mean()
+            distance = torch.stack([nmse(teacher.hidden_states[t], out.hidden_states[s]) for t, s in boundaries]).mean()
             loss = out.loss + config.nmse_weight * distance
+            if config.kd_weight:
+                loss = loss + config.kd_weight * logit_kd(teacher.logits, out.logits)
             for group in optimizer.param_groups:
                 group["lr"] = cosine_lr(config, step)
             loss.backward()
@@ -212,9 +303,11 @@ def distill_middle(
             )
             done = step + 1
             if done % config.eval_every == 0 or done == config.steps:
-                current = window_perplexity(emulator, heldout, config.batch_size)
-                if current < progress["best_perplexity"]:
-                    progress.update(best_perplexity=current, best_step=done)
+                perplexity, heldout_nmse = heldout.score(emulator)
+                if heldout_loss(config, perplexity, heldout_nmse) < heldout_loss(
+                    config, progress["best_perplexity"], progress["best_heldout_nmse"]
+                ):
+                    progress.update(best_perplexity=perplexity, best_heldout_nmse=heldout_nmse, best_step=done)
                     checkpoint.save_best(params)
                 checkpoint.save(dict(progress, step=done), params, optimizer)
 
@@ -228,6 +321,8 @@ def distill_middle(
         best_step=progress["best_step"],
         best_heldout_perplexity=progress["best_perplexity"],
         start_heldout_perplexity=progress["start_perplexity"],
+        best_heldout_nmse=progress["best_heldout_nmse"],
+        start_heldout_nmse=progress["start_heldout_nmse"],
         first_nmse=sum(nmse_history[:window]) / window if nmse_history else float("nan"),
         last_nmse=sum(nmse_history[-window:]) / window if nmse_history else float("nan"),
         seconds=time.perf_counter() - started,
@@ -235,14 +330,41 @@ def distill_middle(
     )
 
 
-OPTIONS: Mapping[str, Callable[[str], Any]] = {"steps": positive_int, "data": Path, "place": parse_placement}
+def non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0.0:  # also refuses nan
+        raise ValueError("must be a number ≥ 0")
+    return value
+
+
+OPTIONS: Mapping[str, Callable[[str], Any]] = {
+    "tokens": positive_int,
+    "steps": positive_int,
+    "kd": non_negative_float,
+    "data": Path,
+    "place": parse_placement,
+}
+
+
+def config_for(options: Mapping[str, Any]) -> DistillConfig:
+    """The run the builder options ask for: `tokens=` or `steps=` (not both), `kd=`; DEFAULT_TOKENS otherwise."""
+    if "tokens" in options and "steps" in options:
+        raise LayoutError("give the distillation budget as tokens= or as steps=, not both")
+    config = DistillConfig(kd_weight=options.get("kd", DistillConfig.kd_weight))
+    if "steps" in options:
+        return DistillConfig(**{**asdict(config), "steps": options["steps"]})
+    return config.with_tokens(options.get("tokens", DEFAULT_TOKENS))
 
 
 def build(request: BuildRequest) -> Built:
-    """The uniform drop, then distillation of its kept blocks on the owner's public text (default WikiText-2)."""
+    """The uniform drop, then distillation of its kept blocks on the owner's public text (default: the novels)."""
+    config = config_for(request.options)
+    data = request.options.get("data")
+    if data is None:
+        text = load_chunks(request.tokenizer, GUTENBERG_TEXT, config.seq_len, 0.0, heldout_path=GUTENBERG_HELDOUT_TEXT)
+    else:
+        text = load_chunks(request.tokenizer, data, config.seq_len, config.heldout_fraction)
     start = uniform.build(request)
-    config = DistillConfig(steps=request.options.get("steps", DistillConfig.steps))
-    text = load_chunks(request.tokenizer, request.options.get("data"), config.seq_len, config.heldout_fraction)
     report = distill_middle(
         request.full,
         start.model,
@@ -256,14 +378,21 @@ def build(request: BuildRequest) -> Built:
     params = {
         **start.params,
         "steps": config.steps,
-        "tokens_per_step": config.batch_size * config.seq_len,
+        "tokens": config.steps * config.tokens_per_step,
+        "tokens_per_step": config.tokens_per_step,
         "lr": config.lr,
         "nmse_weight": config.nmse_weight,
+        "kd_weight": config.kd_weight,
+        "boundaries": len(kept_boundaries(start.block_map, start.adapters or [], depth(request.full.config))),
+        "public_text": "gutenberg" if data is None else "data",
         "public_text_sha256": text.sha256,
         "best_step": report.best_step,
         "heldout_perplexity_before": round(report.start_heldout_perplexity, 4),
         "heldout_perplexity_after": round(report.best_heldout_perplexity, 4),
+        "heldout_nmse_before": round(report.start_heldout_nmse, 6),
+        "heldout_nmse_after": round(report.best_heldout_nmse, 6),
         "nmse_first": round(report.first_nmse, 6),
         "nmse_last": round(report.last_nmse, 6),
+        "seconds": round(report.seconds, 1),
     }
     return Built(start.model, start.block_map, params, start.adapters)

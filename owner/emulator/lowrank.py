@@ -1,6 +1,8 @@
 """Low-rank emulator: project every middle linear layer's output onto its dominant subspace on public text.
 
 For a layer y = Wx + b, collect the covariance of y over calibration windows and keep its top-r eigenvectors V. The
+covariance leaves out attention sinks, BOS and padding (`statistics.counted_tokens`): the sink tokens' massive
+outputs would otherwise spend the rank on the few directions they use. The
 mean output μ is added to the basis (orthonormalised against V), giving the projector P = QQᵀ with Q = [V, u]. The
 layer becomes y' = P(Wx + b): P μ = μ, so the mean survives even in bias-free layers (Llama), and only the
 centred part outside the top-r directions is lost. The bundle stores PW and Pb dense so plain `transformers` loads
@@ -25,6 +27,7 @@ from .bundle import materialize
 from .interface import BuildRequest, Built, positive_int
 from .layout import Layout
 from .public_text import load_chunks
+from .statistics import content_tokens, counted_tokens
 
 
 def unit_fraction(text: str) -> float:
@@ -42,6 +45,7 @@ OPTIONS: Mapping[str, Callable[[str], Any]] = {
 }
 CALIBRATION_SEQ_LEN = 128
 DEFAULT_SAMPLES = 32
+FORWARD_BATCH = 4
 
 
 class OutputStatistics:
@@ -52,8 +56,9 @@ class OutputStatistics:
         self.total = torch.zeros(width, dtype=torch.float64)
         self.outer = torch.zeros(width, width, dtype=torch.float64)
 
-    def add(self, outputs: torch.Tensor) -> None:
-        flat = outputs.detach().reshape(-1, outputs.shape[-1]).double()
+    def add(self, outputs: torch.Tensor, mask: torch.Tensor) -> None:
+        """Adds the outputs [batch, seq, width] of the tokens that `mask` [batch, seq] counts."""
+        flat = content_tokens(outputs.detach(), mask).double()
         self.count += flat.shape[0]
         self.total += flat.sum(dim=0)
         self.outer += flat.T @ flat
@@ -84,23 +89,38 @@ def weight_out_in(module: torch.nn.Module) -> torch.Tensor:
 def collect_statistics(
     model: PreTrainedModel, layers: dict[str, torch.nn.Module], chunks: torch.Tensor
 ) -> dict[str, OutputStatistics]:
+    """Every layer's output statistics over the windows' counted tokens (no attention sinks, BOS or padding)."""
     stats = {name: OutputStatistics(weight_out_in(m).shape[0]) for name, m in layers.items()}
+    batch_outputs: dict[str, torch.Tensor] = {}
     hooks = [
-        module.register_forward_hook(lambda _m, _i, out, name=name: stats[name].add(out))
+        module.register_forward_hook(lambda _m, _i, out, name=name: batch_outputs.__setitem__(name, out))
         for name, module in layers.items()
     ]
     try:
-        for window in chunks.split(4):
-            model(input_ids=window)
+        for window in chunks.split(FORWARD_BATCH):
+            states = model.base_model(input_ids=window, output_hidden_states=True).hidden_states
+            mask = counted_tokens(window, states, bos_token_id=model.config.bos_token_id)
+            for name, outputs in batch_outputs.items():
+                stats[name].add(outputs, mask)
     finally:
         for hook in hooks:
             hook.remove()
     return stats
 
 
+def uniform_fraction(layout: Layout, total_depth: int) -> float:
+    """The share N/M of the middle's parameters that the uniform drop `l-N-r` keeps: the default budget."""
+    return layout.middle / (total_depth - layout.bottom - layout.top)
+
+
 def budget_rank(out_features: int, in_features: int, fraction: float) -> int:
     """The rank whose factored form Q (out×r) · QᵀW (r×in) holds `fraction` of the dense weight."""
     return max(1, min(out_features, int(fraction * out_features * in_features / (out_features + in_features))))
+
+
+def factored_parameters(out_features: int, in_features: int, rank: int) -> int:
+    """What Q (out×(r+1), the mean direction included) · QᵀW ((r+1)×in) holds, never more than the dense weight."""
+    return min(out_features * in_features, (rank + 1) * (out_features + in_features))
 
 
 def tolerance_rank(eigenvalues: torch.Tensor, tolerance: float) -> int:
@@ -149,7 +169,7 @@ def compress(
         project_layer(module, projector(mean, covariance, rank))
         ranks[name] = rank
         dense += out_features * in_features
-        effective += min(out_features * in_features, (rank + 1) * (out_features + in_features))
+        effective += factored_parameters(out_features, in_features, rank)
     return {"ranks": ranks, "middle_dense_parameters": dense, "middle_effective_parameters": effective}
 
 
@@ -161,7 +181,7 @@ def build(request: BuildRequest) -> Built:
     block_map = list(range(total))  # every block stays; the middle ones lose rank instead
     emulator = materialize(request.full, block_map)
     tolerance = request.options.get("tolerance")
-    fraction = request.options.get("fraction", layout.middle / (total - layout.bottom - layout.top))
+    fraction = request.options.get("fraction", uniform_fraction(layout, total))
     summary = compress(emulator, layout, text.train, None if tolerance else fraction, tolerance)
     params = {
         "fraction": None if tolerance else fraction,

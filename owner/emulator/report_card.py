@@ -1,6 +1,9 @@
 """The owner's report card for an emulator: how big it is and how much worse than the full model it predicts text.
 
-The perplexity ratio (emulator / full) is the privacy side of the bargain: near 1, the emulator is the model.
+Two held-out texts: the tail of the builder's public text (WikiText-2 valid unless `data=` says otherwise), and the
+last windows of the held-out Project Gutenberg novel, which no builder trains or calibrates on and whose first
+windows alone choose the distillation checkpoint. The perplexity ratio (emulator / full) on the first is the privacy
+side of the bargain: near 1, the emulator is the model.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .public_text import read_public_text, token_chunks, window_perplexity
+from .public_text import GUTENBERG_HELDOUT_TEXT, read_public_text, token_chunks, window_perplexity
 
 REPORT_SEQ_LEN = 128
 REPORT_WINDOWS = 32
@@ -32,12 +35,16 @@ class ReportCard:
     perplexity_ratio: float
     windows: int
     text_sha256: str
+    gutenberg_perplexity: float  # the emulator's, on the last windows of the held-out novel
+    full_gutenberg_perplexity: float
+    gutenberg_sha256: str
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 def heldout_windows(tokenizer: PreTrainedTokenizerBase, path: Path | None) -> tuple[torch.Tensor, str]:
+    """The last REPORT_WINDOWS windows of the text at `path` (default WikiText-2 valid), and its sha256."""
     text, sha256 = read_public_text(path)
     windows = token_chunks(tokenizer, text[-REPORT_TAIL_CHARS:], REPORT_SEQ_LEN)
     return windows[-REPORT_WINDOWS:], sha256
@@ -49,6 +56,7 @@ def measure(
     windows, sha256 = heldout_windows(tokenizer, path)
     emulator_ppl = window_perplexity(emulator, windows)
     full_ppl = window_perplexity(full, windows)
+    novel, novel_sha256 = heldout_windows(tokenizer, GUTENBERG_HELDOUT_TEXT)
     return ReportCard(
         parameters=sum(p.numel() for p in emulator.parameters()),
         perplexity=round(emulator_ppl, 4),
@@ -56,6 +64,9 @@ def measure(
         perplexity_ratio=round(emulator_ppl / full_ppl, 4),
         windows=len(windows),
         text_sha256=sha256,
+        gutenberg_perplexity=round(window_perplexity(emulator, novel), 4),
+        full_gutenberg_perplexity=round(window_perplexity(full, novel), 4),
+        gutenberg_sha256=novel_sha256,
     )
 
 

@@ -1,0 +1,166 @@
+"""The README's result tables, rendered from the committed bench/results/*.json files.
+
+Each table sits in the README between `<!-- results:NAME -->` and `<!-- /results:NAME -->`. `--write` refreshes them;
+`--check` exits 1 when a table in the README disagrees with its results file (tests/test_readme.py runs it), so no
+number in the README can drift from the file that backs it.
+
+    python bench/readme_tables.py --write
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+README = ROOT / "README.md"
+BLOCK = re.compile(r"(<!-- results:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /results:(?P=name) -->)", re.DOTALL)
+
+
+def _load(name: str) -> dict[str, Any]:
+    return json.loads((RESULTS / name).read_text(encoding="utf-8"))
+
+
+def _points(est: dict[str, Any] | None) -> str:
+    if est is None:
+        return "—"
+    return f"{est['mean'] * 100:.1f} [{est['ci_low'] * 100:.1f}, {est['ci_high'] * 100:.1f}]"
+
+
+def transfer_table() -> str:
+    report = _load("transfer.json")
+    default = report["default_emulator"]
+    runs = {(r["task"], r["emulator"], r["row"]): r for r in report["runs"]}
+    versus = {(c["task"], c["a"], c["b"]): c for c in report["comparisons"] if c["emulator"] == default}
+    lines = [
+        "| task (metric, test rows) | zero-shot | emulator zero-shot | emulator + adapter | plug-in | ceiling "
+        "| plug-in − zero-shot | seeds (plug-in / ceiling) |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for task, info in report["tasks"].items():
+        row = {name: runs.get((task, default, name)) for name in ROWS}
+        if row["zero_shot"] is None:
+            continue
+        gain = versus.get((task, "plug_in", "zero_shot"))
+        shown_gain = (
+            f"{gain['difference_mean'] * 100:+.1f} [{gain['difference_ci_low'] * 100:+.1f}, "
+            f"{gain['difference_ci_high'] * 100:+.1f}]"
+            if gain
+            else "—"
+        )
+        seeds = "/".join(str(len(row[name]["seeds"])) if row[name] else "0" for name in ("plug_in", "ceiling"))
+        lines.append(
+            f"| {task} ({info['metric']}, {row['zero_shot']['n']}) | "
+            + " | ".join(_points(row[name]) for name in ROWS)
+            + f" | {shown_gain} | {seeds} |"
+        )
+    suite = report["suite"]
+    if suite.get("tasks"):
+        lines.append(
+            f"| **suite mean** ({len(suite['tasks'])} tasks) | "
+            + " | ".join(_points(suite[name]) for name in ROWS)
+            + f" | {_points(suite['plug_in_minus_zero_shot'])} | |"
+        )
+    return "\n".join(lines)
+
+
+def transfer_targets() -> str:
+    report = _load("transfer.json")
+    lines = ["| target | measured | met |", "|---|---|---|"]
+    for target in report["targets"]:
+        value = target["value"]
+        if "mean" in value and "ratio" not in target["target"] and "0.7" not in target["target"]:
+            shown = f"{_points(value)} points"
+        elif "mean" in value:
+            shown = f"{value['mean']:.2f} [{value['ci_low']:.2f}, {value['ci_high']:.2f}]"
+        else:
+            shown = ", ".join(f"{k}: {v}" for k, v in value.items())
+        lines.append(f"| {target['target']} | {shown} | {'yes' if target['met'] else 'no'} |")
+    return "\n".join(lines)
+
+
+def transfer_emulators() -> str:
+    report = _load("transfer.json")
+    lines = ["| emulator | tasks | emulator + adapter | plug-in |", "|---|---|---:|---:|"]
+    for emulator, entry in report["per_emulator"].items():
+        lines.append(
+            f"| {emulator} | {', '.join(entry['tasks'])} | {_points(entry['emulator_adapter'])} "
+            f"| {_points(entry['plug_in'])} |"
+        )
+    return "\n".join(lines)
+
+
+def demo_table() -> str:
+    result = _load("demo.json")
+    lines = ["| row | accuracy | loss |", "|---|---:|---:|"]
+    for row in result["rows"]:
+        lines.append(f"| {row['row']} | {row['accuracy']:.4f} | {row['loss']:.4f} |")
+    gain = result["plug_in_gain"]
+    lines.append("")
+    lines.append(
+        f"plug-in − zero-shot: {gain['points']:+.2f} points, 95% CI [{gain['ci_low']:+.2f}, {gain['ci_high']:+.2f}] "
+        f"on {result['eval_examples']} dev rows ({gain['verdict']}); emulator `{result['emulator']}`, "
+        f"{result['train_examples']} training rows, {result['total_seconds']:.0f} s in all."
+    )
+    return "\n".join(lines)
+
+
+def pema_table() -> str:
+    result = _load("pema.json")
+    tasks = result["tasks"]
+    names = [row["row"] for row in tasks[0]["rows"]]
+    lines = ["| row | " + " | ".join(t["task"] for t in tasks) + " |", "|---|" + "---:|" * len(tasks)]
+    for name in names:
+        cells = []
+        for task in tasks:
+            found = next((r for r in task["rows"] if r["row"] == name), None)
+            cells.append(f"{found['bleu']:.2f}" if found else "—")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+ROWS = ("zero_shot", "emulator_zero_shot", "emulator_adapter", "plug_in", "ceiling")
+TABLES: dict[str, Callable[[], str]] = {
+    "transfer": transfer_table,
+    "transfer-targets": transfer_targets,
+    "transfer-emulators": transfer_emulators,
+    "demo": demo_table,
+    "pema": pema_table,
+}
+
+
+def render(readme: str) -> str:
+    def replace(match: re.Match[str]) -> str:
+        name = match.group("name")
+        if name not in TABLES:
+            raise KeyError(f"README names an unknown results table {name!r}; known: {', '.join(TABLES)}")
+        return f"{match.group(1)}{TABLES[name]()}\n{match.group(4)}"
+
+    return BLOCK.sub(replace, readme)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    mode = parser.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--write", action="store_true")
+    mode.add_argument("--check", action="store_true")
+    args = parser.parse_args(argv)
+    current = README.read_text(encoding="utf-8")
+    rendered = render(current)
+    if args.write:
+        README.write_text(rendered, encoding="utf-8")
+        return 0
+    if rendered != current:
+        print("README tables disagree with bench/results; run: python bench/readme_tables.py --write", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""The transfer recipe's pieces (answer-only loss, BOS kept, acc_norm), its statistics, and the smoke benchmark."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from tiny_models import save_tiny_model, tokenizer
+from transformers import AutoModelForCausalLM
+
+from offsite.common.examples import IGNORE, Example, keep_end, tokenize_for_training
+from offsite.common.scoring import ExampleScore, evaluate
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+sys.path.insert(0, str(BENCH))
+
+import transfer  # noqa: E402
+import transfer_stats  # noqa: E402
+
+
+class BosTokenizer:
+    """Wraps the tiny tokenizer so that it puts a BOS before every text, as Llama-2's does."""
+
+    def __init__(self) -> None:
+        self.inner = tokenizer()
+        self.eos_token_id = self.inner.eos_token_id
+
+    def __call__(self, text: str, add_special_tokens: bool = True) -> dict[str, list[int]]:
+        ids = self.inner(text, add_special_tokens=False)["input_ids"]
+        return {"input_ids": ([self.inner.bos_token_id] if add_special_tokens else []) + list(ids)}
+
+
+def test_loss_only_on_the_answer_and_its_eos() -> None:
+    tok = tokenizer()
+    example = Example(prompt="Review: a waste of time\nSentiment:", completion=" negative")
+    [tokenized] = tokenize_for_training(tok, [example], max_length=64)
+    answer = tok(" negative", add_special_tokens=False)["input_ids"]
+    labelled = [label for label in tokenized.labels if label != IGNORE]
+    assert labelled == answer + [tok.eos_token_id]
+    prompt_length = len(tokenized.input_ids) - len(labelled)
+    assert tokenized.labels[:prompt_length] == [IGNORE] * prompt_length
+    assert tokenized.input_ids[prompt_length:] == labelled
+
+
+def test_bos_survives_left_truncation_in_training_and_scoring() -> None:
+    tok = BosTokenizer()
+    long_prompt = "the movie was great and the actors were wonderful " * 20
+    example = Example(prompt=long_prompt, completion=" positive", choices=(" negative", " positive"))
+    [tokenized] = tokenize_for_training(tok, [example], max_length=24)
+    assert len(tokenized.input_ids) == 24
+    assert tokenized.input_ids[0] == tok.inner.bos_token_id
+    # the end of the prompt, nearest the answer, is what is kept after the BOS
+    full = tok(long_prompt)["input_ids"]
+    answer_and_eos = tok(" positive", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert tokenized.input_ids[1 : 24 - len(answer_and_eos)] == full[len(full) - (23 - len(answer_and_eos)) :]
+
+
+def test_keep_end_keeps_the_lead_and_the_tail() -> None:
+    assert keep_end([1, 5, 6, 7, 8], room=3, lead=1) == [1, 7, 8]
+    assert keep_end([5, 6, 7, 8], room=2, lead=0) == [7, 8]
+    assert keep_end([1, 5], room=5, lead=1) == [1, 5]
+
+
+def test_acc_norm_divides_by_the_choice_length() -> None:
+    # the long choice has the higher total but the lower per-character log-likelihood
+    score = ExampleScore(logprobs=(-4.0, -6.0), tokens=(2, 6), chars=(4, 30), gold=1, has_choices=True)
+    assert score.predicted == 0 and not score.correct
+    assert score.predicted_norm == 1 and score.correct_norm
+
+
+def test_evaluate_reports_acc_norm(tmp_path: Path) -> None:
+    model = AutoModelForCausalLM.from_pretrained(save_tiny_model("llama", tmp_path / "m"))
+    examples = [
+        Example(prompt="Review: a dull film\nSentiment:", completion=" negative", choices=(" negative", " great fun")),
+        Example(prompt="Review: a delight\nSentiment:", completion=" great fun", choices=(" negative", " great fun")),
+    ]
+    report = evaluate(model, tokenizer(), examples)
+    assert report.scored_choices == 2
+    assert 0.0 <= report.accuracy_norm <= 1.0 and 0.0 <= report.accuracy <= 1.0
+
+
+def test_bootstrap_interval_covers_the_mean_and_narrows_with_more_examples() -> None:
+    rng = np.random.default_rng(3)
+    small = (rng.random((3, 100)) < 0.7).astype(int)
+    large = (rng.random((3, 2000)) < 0.7).astype(int)
+    a, b = transfer_stats.estimate(small), transfer_stats.estimate(large)
+    assert a.ci_low <= a.mean <= a.ci_high
+    assert (b.ci_high - b.ci_low) < (a.ci_high - a.ci_low) / 2
+
+
+def test_paired_comparison_finds_a_real_difference_and_not_a_null_one() -> None:
+    rng = np.random.default_rng(4)
+    base = (rng.random((1, 500)) < 0.6).astype(int)
+    better = base.copy()
+    better[0, np.flatnonzero(base[0] == 0)[:60]] = 1  # 60 of 500 examples flip to correct
+    assert transfer_stats.compare(better, base).p_value < 0.01
+    assert transfer_stats.compare(better, base).difference.ci_low > 0
+    same = transfer_stats.compare(base, base)
+    assert same.difference.mean == 0 and same.p_value == 1.0
+
+
+def test_smoke_run_fills_every_row_and_reports_cis() -> None:
+    report = transfer.main(["--smoke"])
+    rows = {(r["emulator"], r["row"]) for r in report["runs"]}
+    for row in transfer.ROWS:
+        assert ("uniform:1-2-1", row) in rows
+    assert ("uniform:1-1-1", "plug_in") in rows
+    for record in report["runs"]:
+        assert 0.0 <= record["ci_low"] <= record["mean"] <= record["ci_high"] <= 1.0
+        assert record["n"] == 16
+    plug_in = next(r for r in report["runs"] if r["emulator"] == "uniform:1-2-1" and r["row"] == "plug_in")
+    assert plug_in["seeds"] == [0, 1]
+    assert report["suite"]["tasks"] == ["sst2_sample"]
+    assert {t["target"] for t in report["targets"]} >= {"plug-in ≥ zero-shot on every task"}
+    assert Path(report["out"]).with_suffix(".png").is_file()
+
+
+@pytest.mark.parametrize("prompt_format", ["plain", "chat"])
+def test_prompt_formats(prompt_format: str) -> None:
+    from transfer_tasks import Item, to_example
+
+    item = Item("Review: fine", "Sentiment:", ("negative", "positive"), 1)
+    example = to_example(item, prompt_format, lambda q: f"<user>{q}</user><assistant>")
+    assert example.completion in example.choices
+    assert example.prompt.endswith("Sentiment:" if prompt_format == "plain" else "<assistant>")
+    assert example.completion == (" positive" if prompt_format == "plain" else "positive")
+
+
+def test_training_defaults_are_the_recipe_the_benchmark_chose() -> None:
+    chosen = transfer.load_recipe()
+    assert transfer.RECIPE_FILE.is_file(), "run: python bench/transfer.py --select"
+    assert chosen == transfer.Recipe(), "set TrainConfig's defaults to bench/transfer_recipe.json's recipe"
