@@ -17,7 +17,7 @@ from ..common.memory import peak_rss_bytes
 from ..common.pema.config import SCHEDULES, PemaConfig
 from ..common.pema.representation import CONTEXT_KINDS, TEACHER_FORCING
 from ..common.rpc import pb
-from .connection import ClientTls, Remote, RemoteError
+from .connection import TOKEN_ENVIRONMENT, ClientTls, Remote, RemoteError, read_token_file
 from .evaluation import evaluate_local, evaluate_remote
 from .memory import build_memory_local, build_memory_remote
 from .pema_generation import generate_remote_pema
@@ -30,12 +30,15 @@ from .trust import KnownOwners
 
 MiB = 1024 * 1024
 INSECURE_HELP = "plaintext to a non-loopback owner (default there: TLS with --ca or the system's roots)"
+TOKEN_HELP = f"tenant token; other users can read it in `ps`: prefer ${TOKEN_ENVIRONMENT} or --token-file"
+TOKEN_FILE_HELP = f"read the tenant token from this file (default: --token, then ${TOKEN_ENVIRONMENT})"
 
 
 def _remote(args: argparse.Namespace) -> Remote:
     paths = [Path(p) if p else None for p in (args.ca, args.cert, args.key)]
     tls = ClientTls(*paths) if any(paths) else None
-    return Remote(args.server, args.token, tls=tls, insecure=args.insecure)
+    token = args.token or (read_token_file(Path(args.token_file)) if args.token_file else None)
+    return Remote(args.server, token, tls=tls, insecure=args.insecure)
 
 
 def cmd_pull(args: argparse.Namespace) -> None:
@@ -318,7 +321,8 @@ def parser() -> argparse.ArgumentParser:
         sub.add_argument("--json", action="store_true", help="print one JSON object as the last line")
         if remote:
             sub.add_argument("--server", required=name != "eval", help="the owner's HOST:PORT")
-            sub.add_argument("--token", help="tenant token (default: $OFFSITE_TOKEN)")
+            sub.add_argument("--token", help=TOKEN_HELP)
+            sub.add_argument("--token-file", help=TOKEN_FILE_HELP)
             sub.add_argument("--ca", help="TLS: the CA that signed the owner's certificate (from certs init)")
             sub.add_argument("--cert", help="mTLS: this tenant's client certificate (names the tenant)")
             sub.add_argument("--key", help="mTLS: the client certificate's private key")
@@ -354,7 +358,13 @@ def parser() -> argparse.ArgumentParser:
     memory_build.add_argument("--limit", type=int)
     memory_build.add_argument("--max-length", type=int, default=256)
     memory_build.add_argument("--owner-key", help="pinned owner key the bundles must be signed by")
-    for flag, text in (("--token", "tenant token"), ("--ca", "TLS CA"), ("--cert", "mTLS cert"), ("--key", "mTLS key")):
+    for flag, text in (
+        ("--token", TOKEN_HELP),
+        ("--token-file", TOKEN_FILE_HELP),
+        ("--ca", "TLS CA"),
+        ("--cert", "mTLS cert"),
+        ("--key", "mTLS key"),
+    ):
         memory_build.add_argument(flag, help=text)
     memory_build.add_argument("--insecure", action="store_true", help=INSECURE_HELP)
     memory_build.set_defaults(handler=cmd_memory_build)

@@ -24,6 +24,14 @@ TOKEN_ENVIRONMENT = "OFFSITE_TOKEN"
 Response = TypeVar("Response")
 
 
+def read_token_file(path: Path) -> str:
+    """A token kept in a file (as `offsite-owner tenants add --token-file` writes it), so it never shows in `ps`."""
+    token = path.read_text(encoding="utf-8").strip()
+    if not token or any(c.isspace() for c in token):
+        raise ValueError(f"{path}: expected one tenant token on its own")
+    return token
+
+
 class RemoteError(RuntimeError):
     """The owner refused or failed a call; the message carries its status and explanation."""
 
@@ -80,7 +88,9 @@ class Remote:
         """
         token = token or os.environ.get(TOKEN_ENVIRONMENT)
         if not token and not (tls and tls.cert):
-            raise ValueError(f"no tenant token: pass --token or set {TOKEN_ENVIRONMENT} (or present --cert/--key)")
+            raise ValueError(
+                f"no tenant token: set {TOKEN_ENVIRONMENT}, or pass --token-file or --token (or present --cert/--key)"
+            )
         if insecure and tls is not None:
             raise ValueError("--insecure turns TLS off; it cannot go with --ca, --cert or --key")
         if tls is None and not insecure and not is_local(server):

@@ -2,6 +2,9 @@
 
 A server interceptor wraps every handler (health and reflection included), so no RPC escapes the log. The tenant
 is known only after authentication, inside the servicer, which reports it with `note_tenant`.
+
+The log is the owner's alone (0600) and each line is fsynced before the call's status is sent. A line that cannot
+be written is reported on stderr and the RPC goes on: the audit trail must not become a way to take the service down.
 """
 
 from __future__ import annotations
@@ -9,6 +12,8 @@ from __future__ import annotations
 import contextvars
 import datetime
 import json
+import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -19,6 +24,9 @@ from typing import Any
 import grpc
 
 AUDIT_FILE = "audit.jsonl"
+AUDIT_MODE = 0o600
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -57,8 +65,22 @@ class AuditLog:
             "status": status.name,
             "duration_ms": round((time.monotonic() - call.started) * 1000, 2),
         }
-        with self._lock, self.path.open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps(line) + "\n")
+        try:
+            self._append((json.dumps(line) + "\n").encode())
+        except OSError as error:
+            log.error("audit log %s: could not record %s for %s: %s", self.path, call.method, call.tenant, error)
+
+    def _append(self, data: bytes) -> None:
+        with self._lock:
+            descriptor = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, AUDIT_MODE)
+            try:
+                os.fchmod(descriptor, AUDIT_MODE)  # a log made before, or by hand, gets the owner-only mode too
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(descriptor, view) :]
+                os.fsync(descriptor)
+            finally:
+                os.close(descriptor)
 
 
 def _status(context: grpc.ServicerContext, failed: bool) -> grpc.StatusCode:

@@ -1,15 +1,19 @@
 """`certs init`: a private CA, the daemon's server certificate and one client certificate per tenant (mTLS).
 
-Keys are ECDSA P-256 (every gRPC TLS stack accepts them), written owner-readable only. A client certificate's
-common name is the tenant's name, which is how the daemon can tell tenants apart by certificate.
+`certs issue` adds a client certificate signed by the existing CA, so a new tenant never means a new CA; a
+certificate is withdrawn by recording its serial as revoked in the store (`certs revoke`), which the daemon checks
+on every call. Keys are ECDSA P-256 (every gRPC TLS stack accepts them), written owner-readable only. A client
+certificate's common name is the tenant's name, which is how the daemon can tell tenants apart by certificate.
 """
 
 from __future__ import annotations
 
 import datetime
+import functools
 import ipaddress
 import os
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +27,7 @@ CA_KEY = "ca.key"
 SERVER_CERT = "server.pem"
 SERVER_KEY = "server.key"
 DEFAULT_VALID_DAYS = 365
+KEY_MODE = 0o600
 CLIENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
@@ -63,7 +68,10 @@ def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
     data = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, KEY_MODE)
+    # open's mode applies only to a new file: an old key file keeps its own mode unless it is set here, before the
+    # new key is written into it
+    os.fchmod(descriptor, KEY_MODE)
     with os.fdopen(descriptor, "wb") as handle:
         handle.write(data)
 
@@ -104,13 +112,17 @@ def _certificate(
     return builder.sign(signing_key, hashes.SHA256())
 
 
+def _check_names(clients: list[str]) -> None:
+    bad = [name for name in clients if not CLIENT_NAME.fullmatch(name)]
+    if bad:
+        raise CertificateError(f"client names must be letters, digits, '.', '_' or '-': {', '.join(bad)}")
+
+
 def init_certificates(
     out: Path, server_name: str, clients: list[str], days: int = DEFAULT_VALID_DAYS, overwrite: bool = False
 ) -> Issued:
     """Writes ca.pem/ca.key, server.pem/server.key and client-NAME.pem/.key for each client into `out`."""
-    bad = [name for name in clients if not CLIENT_NAME.fullmatch(name)]
-    if bad:
-        raise CertificateError(f"client names must be letters, digits, '.', '_' or '-': {', '.join(bad)}")
+    _check_names(clients)
     if len(set(clients)) != len(clients):
         raise CertificateError("client names repeat")
     if not server_name:
@@ -140,12 +152,99 @@ def init_certificates(
     _write_key(out / SERVER_KEY, server_key)
     _write_cert(out / SERVER_CERT, server)
 
-    issued: dict[str, tuple[Path, Path]] = {}
-    for name in clients:
-        key = ec.generate_private_key(ec.SECP256R1())
-        certificate = _certificate(name, key.public_key(), ca_name, ca_key, days, usage=ExtendedKeyUsageOID.CLIENT_AUTH)
-        cert_name, key_name = client_files(name)
-        _write_key(out / key_name, key)
-        _write_cert(out / cert_name, certificate)
-        issued[name] = (out / cert_name, out / key_name)
+    issued = {name: _write_client(out, name, ca_name, ca_key, days)[:2] for name in clients}
     return Issued(out, out / CA_CERT, out / SERVER_CERT, out / SERVER_KEY, issued)
+
+
+def _write_client(
+    out: Path, name: str, ca_name: str, ca_key: ec.EllipticCurvePrivateKey, days: int
+) -> tuple[Path, Path, int]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    certificate = _certificate(name, key.public_key(), ca_name, ca_key, days, usage=ExtendedKeyUsageOID.CLIENT_AUTH)
+    cert_name, key_name = client_files(name)
+    _write_key(out / key_name, key)
+    _write_cert(out / cert_name, certificate)
+    return out / cert_name, out / key_name, certificate.serial_number
+
+
+@dataclass(frozen=True)
+class IssuedClient:
+    tenant: str
+    cert: Path
+    key: Path
+    serial: int
+    replaced_serial: int | None  # the certificate this one overwrote: revoke it if its key may be out there
+
+    def as_dict(self) -> dict[str, object]:
+        replaced = None if self.replaced_serial is None else f"{self.replaced_serial:x}"
+        return {
+            "tenant": self.tenant,
+            "cert": str(self.cert),
+            "key": str(self.key),
+            "serial": f"{self.serial:x}",
+            "replaced_serial": replaced,
+        }
+
+
+def issue_client(directory: Path, name: str, days: int = DEFAULT_VALID_DAYS, overwrite: bool = False) -> IssuedClient:
+    """One more client certificate (client-NAME.pem/.key in `directory`), signed by the CA already there."""
+    _check_names([name])
+    if days < 1:
+        raise CertificateError("certificates must be valid for at least one day")
+    try:
+        ca = x509.load_pem_x509_certificate((directory / CA_CERT).read_bytes())
+        ca_key = serialization.load_pem_private_key((directory / CA_KEY).read_bytes(), password=None)
+    except (OSError, ValueError) as error:
+        raise CertificateError(f"cannot read the CA in {directory} (run certs init first): {error}") from None
+    if not isinstance(ca_key, ec.EllipticCurvePrivateKey) or ca_key.public_key() != ca.public_key():
+        raise CertificateError(f"{directory / CA_KEY} is not the key of {directory / CA_CERT}")
+    cert_path = directory / client_files(name)[0]
+    replaced = None
+    if cert_path.exists():
+        if not overwrite:
+            raise CertificateError(f"{cert_path} exists; pass --force to replace it (then revoke the old one)")
+        replaced = certificate_serial(cert_path.read_bytes())
+    ca_name = ca.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
+    cert, key, serial = _write_client(directory, name, str(ca_name), ca_key, days)
+    return IssuedClient(name, cert, key, serial, replaced)
+
+
+def certificate_serial(pem: bytes) -> int:
+    """The serial number of a PEM certificate, the number `certs revoke` records."""
+    try:
+        return x509.load_pem_x509_certificate(pem).serial_number
+    except ValueError as error:
+        raise CertificateError(f"not a PEM certificate: {error}") from None
+
+
+def parse_serial(text: str) -> int:
+    """A serial as `certs issue` prints it (hex, colons allowed)."""
+    try:
+        return int(text.replace(":", ""), 16)
+    except ValueError:
+        raise CertificateError(f"serial {text!r} is not hexadecimal") from None
+
+
+@dataclass(frozen=True)
+class PeerCertificate:
+    tenant: str  # the common name of a client certificate the server's client CA verified
+    serial: int
+
+
+@functools.lru_cache(maxsize=1024)
+def _serial_of(pem: bytes) -> int:
+    return certificate_serial(pem)  # parsed once per distinct certificate, not once per call
+
+
+def peer_certificate(auth_context: Mapping[str, Sequence[bytes]]) -> PeerCertificate | None:
+    """The verified client certificate of a call, from gRPC's auth context; None when the peer presented none.
+
+    gRPC fills `x509_common_name` only for a certificate the server's client CA verified (mTLS).
+    """
+    names = auth_context.get("x509_common_name", [])
+    if not names:
+        return None
+    pems = auth_context.get("x509_pem_cert", [])
+    if len(names) != 1 or len(pems) != 1:
+        raise CertificateError("the client certificate has no single common name and PEM")
+    return PeerCertificate(names[0].decode("utf-8", "replace"), _serial_of(pems[0]))

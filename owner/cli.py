@@ -22,7 +22,15 @@ from ..common.contract import (
 )
 from ..common.examples import DataError, read_jsonl
 from ..common.model_loading import ModelNotFound, fingerprint, load_model
-from .certificates import DEFAULT_VALID_DAYS, CertificateError, init_certificates
+from .certificates import (
+    DEFAULT_VALID_DAYS,
+    KEY_MODE,
+    CertificateError,
+    certificate_serial,
+    init_certificates,
+    issue_client,
+    parse_serial,
+)
 from .emulator import BUILDERS, EmulatorSpec, build_emulator
 from .emulator.layout import LayoutError
 from .emulator.placement import PLACEMENTS
@@ -32,6 +40,7 @@ from .service import OwnerService
 from .store import STORE_UMASK, Store
 
 SHUTDOWN_GRACE_SECONDS = 10.0
+SECRET_MODE = KEY_MODE  # a token file is as secret as a key
 
 
 def _server_tls(args: argparse.Namespace) -> ServerTls | None:
@@ -112,13 +121,63 @@ def cmd_build_emulator(args: argparse.Namespace) -> None:
     )
 
 
+def _hand_over(args: argparse.Namespace, name: str, token: str, verb: str) -> None:
+    """Gives a new token to the owner: into --token-file (0600), or on stdout once; in --json only if asked."""
+    result: dict[str, object] = {"ok": True, "tenant": name}
+    if args.token_file:
+        write_secret(Path(args.token_file), token)
+        result["token_file"] = args.token_file
+        human = f"tenant {name} {verb}. Its token is in {args.token_file} (mode 0600); hand it over, then delete it."
+    else:
+        human = f"tenant {name} {verb}. Its token is shown only this once:\n{token}"
+    if args.show_token:
+        result["token"] = token  # only when asked: a --json line tends to be logged, and the log would keep it
+    elif args.json and not args.token_file:
+        result["token_withheld"] = True
+        print(
+            "the token was not printed: pass --token-file or --show-token (tenants rotate makes a new one)",
+            file=sys.stderr,
+        )
+    emit(result, args.json, human)
+
+
+def write_secret(path: Path, text: str) -> None:
+    """A new file readable by the owner only; an existing file is refused rather than overwritten."""
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, SECRET_MODE)
+    with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+        handle.write(text + "\n")
+
+
+def _check_token_file(args: argparse.Namespace) -> None:
+    """Before the token changes: a token that cannot be written would be lost."""
+    if args.token_file and Path(args.token_file).exists():
+        raise ValueError(f"{args.token_file} exists; choose a new file for the token")
+
+
 def cmd_tenants_add(args: argparse.Namespace) -> None:
-    token = Store(Path(args.store)).add_tenant(args.name)
+    _check_token_file(args)
+    _hand_over(args, args.name, Store(Path(args.store)).add_tenant(args.name), "added")
+
+
+def cmd_tenants_rotate(args: argparse.Namespace) -> None:
+    _check_token_file(args)
+    _hand_over(args, args.name, Store(Path(args.store)).rotate_token(args.name), "has a new token; the old one is void")
+
+
+def cmd_tenants_remove(args: argparse.Namespace) -> None:
+    adapters = Store(Path(args.store)).remove_tenant(args.name)
     emit(
-        {"ok": True, "tenant": args.name, "token": token},
+        {"ok": True, "tenant": args.name, "adapters_deleted": adapters},
         args.json,
-        f"tenant {args.name} added. Its token is shown only this once:\n{token}",
+        f"tenant {args.name} removed with its {adapters} adapter(s); its token and certificate are refused from the "
+        "next call on. Revoke its certificate too (certs revoke) if the name may be added again.",
     )
+
+
+def cmd_tenants_list(args: argparse.Namespace) -> None:
+    tenants = Store(Path(args.store)).list_tenants()
+    lines = [f"{t.name}\t{t.adapters} adapter(s)\t{t.bytes:,} bytes\tsince {t.created}" for t in tenants]
+    emit({"ok": True, "tenants": [t.__dict__ for t in tenants]}, args.json, "\n".join(lines) or "no tenants")
 
 
 def cmd_certs_init(args: argparse.Namespace) -> None:
@@ -131,6 +190,35 @@ def cmd_certs_init(args: argparse.Namespace) -> None:
         f"serve: --tls-cert {issued.server_cert} --tls-key {issued.server_key} --client-ca {issued.ca}\n"
         f"client: --ca {issued.ca} --cert {args.out}/client-NAME.pem --key {args.out}/client-NAME.key\n"
         f"Keep {issued.directory / 'ca.key'} offline: whoever holds it can mint clients.",
+    )
+
+
+def cmd_certs_issue(args: argparse.Namespace) -> None:
+    issued = issue_client(Path(args.dir), args.tenant, args.days, overwrite=args.force)
+    replaced = issued.as_dict()["replaced_serial"]
+    emit(
+        {"ok": True, **issued.as_dict()},
+        args.json,
+        f"issued {issued.cert} and {issued.key} for tenant {args.tenant} (serial {issued.serial:x}), signed by the "
+        f"existing CA in {args.dir}."
+        + (
+            f"\nIt replaced serial {replaced}: certs revoke --serial {replaced} if its key may be out there."
+            if replaced
+            else ""
+        ),
+    )
+
+
+def cmd_certs_revoke(args: argparse.Namespace) -> None:
+    if bool(args.cert) == bool(args.serial):
+        raise ValueError("certs revoke needs exactly one of --cert or --serial")
+    serial = certificate_serial(Path(args.cert).read_bytes()) if args.cert else parse_serial(args.serial)
+    added = Store(Path(args.store)).revoke_certificate(serial)
+    emit(
+        {"ok": True, "serial": f"{serial:x}", "already_revoked": not added},
+        args.json,
+        f"certificate serial {serial:x} {'is now' if added else 'was already'} revoked; a running daemon refuses it "
+        "from the next call on",
     )
 
 
@@ -196,12 +284,38 @@ def parser() -> argparse.ArgumentParser:
     certs_init.add_argument("--json", action="store_true")
     certs_init.set_defaults(handler=cmd_certs_init)
 
+    certs_issue = certs.add_parser("issue", help="one more client certificate, signed by the existing CA")
+    certs_issue.add_argument(
+        "--dir", required=True, help="the certs init directory (ca.pem, ca.key); output goes there"
+    )
+    certs_issue.add_argument("--tenant", required=True, help="the tenant the certificate names (its common name)")
+    certs_issue.add_argument("--days", type=int, default=DEFAULT_VALID_DAYS)
+    certs_issue.add_argument("--force", action="store_true", help="replace the tenant's existing certificate files")
+    certs_issue.add_argument("--json", action="store_true")
+    certs_issue.set_defaults(handler=cmd_certs_issue)
+    certs_revoke = certs.add_parser("revoke", help="refuse a client certificate from the next call on")
+    certs_revoke.add_argument("--store", required=True)
+    certs_revoke.add_argument("--cert", help="the certificate file (PEM) to revoke")
+    certs_revoke.add_argument("--serial", help="or its serial, in hex as certs issue prints it")
+    certs_revoke.add_argument("--json", action="store_true")
+    certs_revoke.set_defaults(handler=cmd_certs_revoke)
+
     tenants = commands.add_parser("tenants", help="manage tenants").add_subparsers(dest="action", required=True)
-    tenant_add = tenants.add_parser("add", help="add a tenant and print its token once")
-    tenant_add.add_argument("name")
-    tenant_add.add_argument("--store", required=True)
-    tenant_add.add_argument("--json", action="store_true")
-    tenant_add.set_defaults(handler=cmd_tenants_add)
+    for action, help_text, handler in (
+        ("add", "add a tenant and hand over its token once", cmd_tenants_add),
+        ("rotate", "give a tenant a new token; the old one stops working", cmd_tenants_rotate),
+        ("remove", "remove a tenant and its adapters; its token and certificate stop working", cmd_tenants_remove),
+        ("list", "list tenants with their adapters (never tokens)", cmd_tenants_list),
+    ):
+        sub = tenants.add_parser(action, help=help_text)
+        if action != "list":
+            sub.add_argument("name")
+        sub.add_argument("--store", required=True)
+        sub.add_argument("--json", action="store_true")
+        if action in ("add", "rotate"):
+            sub.add_argument("--token-file", help="write the token to this new file (mode 0600) instead of stdout")
+            sub.add_argument("--show-token", action="store_true", help="with --json: include the token in the output")
+        sub.set_defaults(handler=handler)
     return root
 
 

@@ -51,7 +51,7 @@ from ..common.pema.generation import decoded_increments, generate_pema
 from ..common.pema.head import Head
 from ..common.pema.representation import LocalRepresenter
 from ..common.scoring import EvaluationReport, evaluate
-from ..common.signing import canonical_json, public_key_hex
+from ..common.signing import public_key_hex
 from .adapters.plugin import plug
 from .adapters.validation import AdapterRejected, Check, validate_adapter
 from .emulator import EmulatorSpec, build_emulator
@@ -59,7 +59,7 @@ from .emulator.report_card import check_release
 from .generation import generate_stream
 from .limits import LimitExceeded, TenantLimits, TokenRate
 from .representations import ALL_LOG_PROBS, LAST_LOG_PROBS, NO_LOG_PROBS, RepresentationBatcher, Represented
-from .store import Store, new_record
+from .store import Store, TamperedAdapter, content_id, new_record
 
 log = logging.getLogger(__name__)
 PLUGGED_CACHE_SIZE = 2
@@ -298,7 +298,7 @@ class OwnerService:
         if emulator is None:
             raise invalid(f"unknown emulator {emulator_id!r}; offered: {', '.join(sorted(self.artifacts()))}")
         declared = self._check_declared_files(files)
-        adapter_id = hashlib.sha256(canonical_json({n: d[1] for n, d in declared.items()})).hexdigest()
+        adapter_id = content_id({n: d[1] for n, d in declared.items()})  # re-checked on every load
         if self.store.get_adapter(tenant, adapter_id) is None:
             incoming = sum(size for size, _ in declared.values())
             try:
@@ -374,6 +374,14 @@ class OwnerService:
 
     # Evaluate / Generate
 
+    def _verified_adapter_dir(self, adapter_id: str) -> Path:
+        """Re-hashes a stored adapter before it is loaded: a file changed on disk since the push is refused."""
+        try:
+            return self.store.verified_adapter_dir(adapter_id)
+        except TamperedAdapter as error:
+            log.error("%s", error)
+            raise OwnerError("DATA_LOSS", str(error)) from None
+
     def _model_for(self, tenant: str, adapter_id: str) -> torch.nn.Module:
         if not adapter_id:
             return self.loaded.model
@@ -388,7 +396,7 @@ class OwnerService:
             if adapter_id in self._plugged:
                 self._plugged.move_to_end(adapter_id)
                 return self._plugged[adapter_id]
-            model = plug(self.loaded.model, self.store.adapter_dir(adapter_id), record.method)
+            model = plug(self.loaded.model, self._verified_adapter_dir(adapter_id), record.method)
             self._plugged[adapter_id] = model
             while len(self._plugged) > PLUGGED_CACHE_SIZE:
                 self._plugged.popitem(last=False)
@@ -512,7 +520,7 @@ class OwnerService:
         self, adapter_id: str, prompt: str, max_new_tokens: int, planned_length: int
     ) -> Iterator[tuple[int, str]]:
         """Greedy, with Gradual Unrolling over the full model's own representations."""
-        adapter, config = load_pema(self.store.adapter_dir(adapter_id))
+        adapter, config = load_pema(self._verified_adapter_dir(adapter_id))
         head = Head.from_model(self.loaded.model)
         tokenizer = self.loaded.tokenizer
         representer = LocalRepresenter(self.loaded.model)

@@ -19,6 +19,7 @@ from ..common.rpc import pb, pb_grpc
 from ..common.scoring import EvaluationReport
 from ..common.wire_tensors import WIRE_DTYPES, tensor_bytes
 from .audit import note_tenant
+from .certificates import CertificateError, peer_certificate
 from .limits import LimitExceeded, ServerLimits, StreamDeadlines, StreamSlots, StreamWatch
 from .representations import Represented
 from .service import OwnerError, OwnerService, Progress
@@ -84,6 +85,8 @@ def report_to_pb(report: EvaluationReport) -> pb.EvaluationReport:
         scored_choices=report.scored_choices,
         seconds=report.seconds,
         peak_rss_bytes=report.peak_rss_bytes,
+        accuracy_norm=report.accuracy_norm,
+        correct=report.correct,
     )
 
 
@@ -137,19 +140,37 @@ class OwnerServicer(pb_grpc.ModelOwnerServicer):
             yield from _send(responses, watch, context)
 
     def authenticate(self, context: grpc.ServicerContext) -> str:
-        """The tenant named by the bearer token, or else by the common name of a verified client certificate."""
-        metadata = dict(context.invocation_metadata())
-        header = metadata.get(TOKEN_METADATA_KEY, "")
-        tenant = self.store.authenticate(header[len(TOKEN_SCHEME) :]) if header.startswith(TOKEN_SCHEME) else None
-        if tenant is None and not header:
-            # gRPC only fills x509_common_name for a certificate the server's client CA verified (mTLS).
-            names = context.auth_context().get("x509_common_name", [])
-            if len(names) == 1 and self.store.has_tenant(names[0].decode("utf-8", "replace")):
-                tenant = names[0].decode()
+        """The tenant of the call: named by its verified client certificate, by its bearer token, or both agreeing.
+
+        The registry and the revoked serials are read on every call, so `tenants remove`/`rotate` and
+        `certs revoke` take effect at the next call of a running daemon. A token never overrides a certificate:
+        when both are presented they must name the same tenant.
+        """
+        try:
+            certificate = peer_certificate(context.auth_context())
+        except CertificateError as error:
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, str(error))
+        if certificate is not None and self.store.is_revoked(certificate.serial):
+            context.abort(
+                grpc.StatusCode.UNAUTHENTICATED, f"the client certificate (serial {certificate.serial:x}) is revoked"
+            )
+        header = dict(context.invocation_metadata()).get(TOKEN_METADATA_KEY, "")
+        if header:
+            token = header[len(TOKEN_SCHEME) :] if header.startswith(TOKEN_SCHEME) else ""
+            tenant = self.store.authenticate(token) if token else None
+            if tenant is not None and certificate is not None and certificate.tenant != tenant:
+                context.abort(
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    f"the bearer token and the client certificate ({certificate.tenant}) name different tenants",
+                )
+        elif certificate is not None and self.store.has_tenant(certificate.tenant):
+            tenant = certificate.tenant
+        else:
+            tenant = None
         if tenant is None:
             context.abort(
                 grpc.StatusCode.UNAUTHENTICATED,
-                "a valid tenant token or client certificate is required (offsite-owner tenants add, certs init)",
+                "a valid tenant token or client certificate is required (offsite-owner tenants add, certs issue)",
             )
         note_tenant(tenant)
         return tenant

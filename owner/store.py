@@ -23,7 +23,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from ..common.signing import load_or_create_private_key
+from ..common.signing import canonical_json, load_or_create_private_key
 from .limits import TenantLimits
 
 _SCHEMA = """
@@ -42,12 +42,17 @@ CREATE TABLE IF NOT EXISTS adapters (
     created TEXT NOT NULL,
     PRIMARY KEY (tenant, id)
 );
+CREATE TABLE IF NOT EXISTS revoked_certificates (
+    serial TEXT PRIMARY KEY,
+    revoked TEXT NOT NULL
+);
 """
 TENANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 STORE_UMASK = 0o077  # the daemon's files (tenants' adapters, the registry, the audit log) are the owner's alone
 DIRECTORY_MODE = 0o700
 FILE_MODE = 0o600
 REGISTRY_FILE = "registry.sqlite"
+HASH_BLOCK_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -67,6 +72,35 @@ def _now() -> str:
 
 def _token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
+
+
+def _new_token() -> str:
+    return "ofs_" + secrets.token_urlsafe(32)
+
+
+def content_id(digests: dict[str, str]) -> str:
+    """An adapter's id: the sha256 of its files' names and sha256s, so the id itself records every file's hash."""
+    return hashlib.sha256(canonical_json(dict(digests))).hexdigest()
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(HASH_BLOCK_BYTES), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class TamperedAdapter(ValueError):
+    """A stored adapter whose files no longer hash to the id they were stored under."""
+
+
+@dataclass(frozen=True)
+class TenantRecord:
+    name: str
+    created: str
+    adapters: int
+    bytes: int
 
 
 def fsync_directory(path: Path) -> None:
@@ -114,13 +148,57 @@ class Store:
         """Registers a tenant and returns its token; only the token's hash is kept."""
         if not TENANT_NAME.match(name):
             raise ValueError(f"tenant name {name!r}: use 1-64 letters, digits, '.', '_' or '-'")
-        token = "ofs_" + secrets.token_urlsafe(32)
+        token = _new_token()
         with self._lock:
             try:
                 self._db.execute("INSERT INTO tenants VALUES (?, ?, ?)", (name, _token_hash(token), _now()))
             except sqlite3.IntegrityError:
                 raise ValueError(f"tenant {name!r} already exists") from None
         return token
+
+    def rotate_token(self, name: str) -> str:
+        """A new token for the tenant; the old one stops working at once (the daemon reads the registry per call)."""
+        token = _new_token()
+        with self._lock:
+            updated = self._db.execute("UPDATE tenants SET token_sha256 = ? WHERE name = ?", (_token_hash(token), name))
+        if updated.rowcount != 1:
+            raise ValueError(f"no tenant {name!r}")
+        return token
+
+    def remove_tenant(self, name: str) -> int:
+        """Removes the tenant and its adapters; returns how many adapters went. Its token and certificate stop
+        working at the next call."""
+        if not self.has_tenant(name):
+            raise ValueError(f"no tenant {name!r}")
+        adapters = self.list_adapters(name)
+        with self._lock:
+            self._db.execute("DELETE FROM tenants WHERE name = ?", (name,))
+        for record in adapters:
+            self.delete_adapter(name, record.id)
+        return len(adapters)
+
+    def list_tenants(self) -> list[TenantRecord]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT t.name, t.created, COUNT(a.id), COALESCE(SUM(a.bytes), 0) FROM tenants t"
+                " LEFT JOIN adapters a ON a.tenant = t.name GROUP BY t.name ORDER BY t.name"
+            ).fetchall()
+        return [TenantRecord(name, created, int(count), int(size)) for name, created, count, size in rows]
+
+    # Client certificates
+
+    def revoke_certificate(self, serial: int) -> bool:
+        """Records a client certificate's serial as revoked; False if it already was."""
+        with self._lock:
+            cursor = self._db.execute(
+                "INSERT OR IGNORE INTO revoked_certificates VALUES (?, ?)", (f"{serial:x}", _now())
+            )
+        return cursor.rowcount == 1
+
+    def is_revoked(self, serial: int) -> bool:
+        with self._lock:
+            row = self._db.execute("SELECT 1 FROM revoked_certificates WHERE serial = ?", (f"{serial:x}",)).fetchone()
+        return row is not None
 
     def authenticate(self, token: str) -> str | None:
         presented = _token_hash(token)
@@ -154,6 +232,20 @@ class Store:
 
     def adapter_dir(self, adapter_id: str) -> Path:
         return self.root / "adapters" / adapter_id
+
+    def verified_adapter_dir(self, adapter_id: str) -> Path:
+        """The adapter's directory, once its files are re-hashed and still match the id they were stored under."""
+        directory = self.adapter_dir(adapter_id)
+        try:
+            digests = {path.name: _file_sha256(path) for path in directory.iterdir()}
+        except OSError as error:
+            raise TamperedAdapter(f"adapter {adapter_id}: its stored files cannot be read: {error}") from None
+        if content_id(digests) != adapter_id:
+            raise TamperedAdapter(
+                f"adapter {adapter_id}: its stored files no longer match the sha256s recorded at push (tampered or "
+                "corrupted); refusing to load it. Delete it and push it again."
+            )
+        return directory
 
     def usage(self, tenant: str) -> tuple[int, int]:
         """How many adapters the tenant holds, and their bytes."""

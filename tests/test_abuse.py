@@ -467,3 +467,125 @@ def test_the_lora_config_is_an_allowlist_with_ranges(
         push_raw(owner, files)
     assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT and message in str(refused.value)
     assert_no_trace(owner)
+
+
+# Finding 6: tenants could be added but never removed or given a new token; `tenants add --json` printed the token
+
+
+def _owner_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> dict:
+    """Runs `offsite-owner ARGV --json` in-process; returns its JSON result and checks nothing else went to stdout."""
+    owner_main([*argv, "--json"])
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1, out
+    return json.loads(out[0])
+
+
+def _refused(remote: Remote) -> grpc.StatusCode | None:
+    try:
+        remote.list_adapters()
+    except RemoteError as error:
+        return error.code
+    return None
+
+
+def test_tenants_rotate_remove_and_list_take_effect_on_a_running_daemon(
+    serve, capsys: pytest.CaptureFixture[str]
+) -> None:
+    owner = serve()
+    store = str(owner.store.root)
+    old_alice = owner.remote("alice")
+    assert _refused(old_alice) is None
+    rotated = _owner_cli(capsys, "tenants", "rotate", "alice", "--store", store, "--show-token")
+    assert rotated["token"].startswith("ofs_") and rotated["token"] != owner.tokens["alice"]
+    assert _refused(old_alice) == grpc.StatusCode.UNAUTHENTICATED  # no restart: the registry is read per call
+    with Remote(owner.address, rotated["token"]) as new_alice:
+        assert _refused(new_alice) is None
+
+    bob = owner.remote("bob")
+    assert _refused(bob) is None
+    removed = _owner_cli(capsys, "tenants", "remove", "bob", "--store", store)
+    assert removed == {"ok": True, "tenant": "bob", "adapters_deleted": 0}
+    assert _refused(bob) == grpc.StatusCode.UNAUTHENTICATED
+    assert _refused(owner.remote("carol")) is None  # the others are untouched
+
+    listed = _owner_cli(capsys, "tenants", "list", "--store", store)
+    assert [t["name"] for t in listed["tenants"]] == ["alice", "carol"]
+    assert "ofs_" not in json.dumps(listed) and "token" not in json.dumps(listed)
+    with pytest.raises(SystemExit):
+        owner_main(["tenants", "remove", "bob", "--store", store, "--json"])
+    assert "no tenant 'bob'" in capsys.readouterr().out
+
+
+def test_tenants_add_json_withholds_the_token_unless_asked_and_can_write_it_to_a_file(
+    owner: InProcessOwner, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = str(owner.store.root)
+    added = _owner_cli(capsys, "tenants", "add", "dave", "--store", store)
+    assert added == {"ok": True, "tenant": "dave", "token_withheld": True}
+    shown = _owner_cli(capsys, "tenants", "add", "erin", "--store", store, "--show-token")
+    assert owner.store.authenticate(shown["token"]) == "erin"
+
+    token_file = tmp_path / "frank.token"
+    written = _owner_cli(capsys, "tenants", "add", "frank", "--store", store, "--token-file", str(token_file))
+    assert "token" not in written and written["token_file"] == str(token_file)
+    assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+    assert owner.store.authenticate(token_file.read_text().strip()) == "frank"
+    with pytest.raises(SystemExit):  # an existing file is refused before the tenant is added, so no token is lost
+        owner_main(["tenants", "add", "grace", "--store", store, "--token-file", str(token_file), "--json"])
+    assert "exists" in capsys.readouterr().out and not owner.store.has_tenant("grace")
+
+    # the data owner reads it from the file: nothing secret on the command line, where `ps` shows it
+    client_main(["adapters", "list", "--server", owner.address, "--token-file", str(token_file), "--json"])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["ok"] is True
+
+
+# Finding 9 (in part): the audit log was world-readable, not fsynced, and a failed write failed the RPC
+
+
+def test_the_audit_log_is_private_fsynced_per_line_and_its_failure_does_not_fail_the_call(
+    owner: InProcessOwner, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    log_path = owner.store.root / "audit.jsonl"
+    log_path.touch()
+    log_path.chmod(0o644)  # an old log, or one made by hand
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(descriptor: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{descriptor}"))
+        real_fsync(descriptor)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with owner.remote() as remote:
+        remote.model_card()
+        remote.list_adapters()
+    lines = log_path.read_text().splitlines()
+    assert [json.loads(line)["method"].rsplit("/", 1)[-1] for line in lines] == ["GetModelCard", "ListAdapters"]
+    assert synced.count(str(log_path)) == len(lines)
+    assert stat.S_IMODE(log_path.stat().st_mode) == 0o600
+
+    log_path.unlink()
+    log_path.mkdir()  # every write now fails
+    with caplog.at_level("ERROR", logger="offsite.owner.audit"), owner.remote() as remote:
+        assert remote.model_card().emulators  # the call still answers
+    assert any("could not record" in r.getMessage() and "GetModelCard" in r.getMessage() for r in caplog.records)
+
+
+# Finding 9 (in part): stored adapters were loaded without checking their files against the hashes pushed
+
+
+def test_a_stored_adapter_changed_on_disk_is_refused_when_loaded(owner: InProcessOwner, lora_adapter: Path) -> None:
+    adapter_id = push_raw(owner, bundle_files(lora_adapter)).adapter_id
+    config_path = owner.store.adapter_dir(adapter_id) / "adapter_config.json"
+    original = config_path.read_bytes()
+    config = json.loads(original)
+    config["lora_alpha"] = config["lora_alpha"] * 100  # still a valid config: only the hash can tell
+    config_path.write_text(json.dumps(config))
+    request = pb.EvaluateRequest(adapter_id=adapter_id, examples=[pb.Example(prompt="a", completion=" b")])
+    with owner.remote() as remote:
+        with pytest.raises(RemoteError) as refused:
+            list(remote.evaluate(request))
+        assert refused.value.code == grpc.StatusCode.DATA_LOSS
+        assert "no longer match the sha256s recorded at push" in str(refused.value)
+        config_path.write_bytes(original)
+        assert list(remote.evaluate(request))[-1].HasField("report")  # the untouched files load

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import stat
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +15,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from offsite.client.connection import ClientTls, Remote, RemoteError
 from offsite.common.model_loading import load_model
-from offsite.owner.certificates import CertificateError, Issued, init_certificates
+from offsite.owner.certificates import CertificateError, Issued, init_certificates, issue_client
+from offsite.owner.cli import main as owner_main
 from offsite.owner.emulator import EmulatorSpec
 from offsite.owner.server import BindRefused, ServerTls, start_server
 from offsite.owner.service import OwnerService
@@ -119,3 +121,95 @@ def test_a_non_loopback_bind_without_tls_is_refused_with_the_reason(service, iss
         ClientTls(issued.ca, cert=issued.clients["alice"][0]).credentials()
     with pytest.raises(BindRefused, match="cannot read a TLS file"):
         ServerTls(issued.server_cert, Path("/nonexistent/server.key")).credentials()
+
+
+# Issue 16, finding 6: a new client meant a new CA, nothing could be revoked, and a token overrode the certificate
+
+
+def _status(remote: Remote) -> grpc.StatusCode | None:
+    try:
+        remote.list_adapters()
+    except RemoteError as error:
+        return error.code
+    return None
+
+
+def test_certs_issue_adds_a_client_signed_by_the_existing_ca_without_replacing_it(tmp_path: Path) -> None:
+    first = init_certificates(tmp_path, "localhost", ["alice"])
+    ca_before = first.ca.read_bytes()
+    bob = issue_client(tmp_path, "bob")
+    assert first.ca.read_bytes() == ca_before and (tmp_path / "ca.key").exists()
+    ca = x509.load_pem_x509_certificate(ca_before)
+    for path in (bob.cert, first.clients["alice"][0]):  # the new one and the old one both chain to the same CA
+        x509.load_pem_x509_certificate(path.read_bytes()).verify_directly_issued_by(ca)
+    issued_bob = x509.load_pem_x509_certificate(bob.cert.read_bytes())
+    assert issued_bob.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "bob"
+    assert issued_bob.serial_number == bob.serial and bob.replaced_serial is None
+    assert stat.S_IMODE(bob.key.stat().st_mode) == 0o600
+    with pytest.raises(CertificateError, match="exists; pass --force"):
+        issue_client(tmp_path, "bob")
+    again = issue_client(tmp_path, "bob", overwrite=True)
+    assert again.replaced_serial == bob.serial != again.serial
+    with pytest.raises(CertificateError, match="cannot read the CA"):
+        issue_client(tmp_path / "elsewhere", "carol")
+
+
+def test_a_revoked_certificate_and_a_removed_tenant_are_refused_by_a_running_daemon(
+    service, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    owner, store, token = service
+    certs = init_certificates(tmp_path / "certs", "localhost", ["alice"])
+    server, address = _serve(owner, store, ServerTls(certs.server_cert, certs.server_key, certs.ca))
+    alice_cert, alice_key = certs.clients["alice"]
+    try:
+        with Remote(address, timeout=20, tls=ClientTls(certs.ca, alice_cert, alice_key)) as remote:
+            assert _status(remote) is None
+            owner_main(["certs", "revoke", "--store", str(store.root), "--cert", str(alice_cert), "--json"])
+            revoked = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+            assert revoked["ok"] and not revoked["already_revoked"]
+            assert _status(remote) == grpc.StatusCode.UNAUTHENTICATED  # the same channel, no restart
+        with Remote(address, token, timeout=20, tls=ClientTls(certs.ca, alice_cert, alice_key)) as remote:
+            assert _status(remote) == grpc.StatusCode.UNAUTHENTICATED  # her token does not rescue a revoked cert
+
+        owner_main(["certs", "issue", "--dir", str(certs.directory), "--tenant", "alice", "--force", "--json"])
+        reissued = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert reissued["replaced_serial"] == revoked["serial"]
+        with Remote(address, timeout=20, tls=ClientTls(certs.ca, alice_cert, alice_key)) as remote:
+            assert _status(remote) is None  # the new certificate, from the same CA: the server was not touched
+            owner_main(["tenants", "remove", "alice", "--store", str(store.root), "--json"])
+            capsys.readouterr()
+            assert _status(remote) == grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        server.stop(None)
+
+
+def test_under_mtls_a_token_cannot_override_the_certificates_tenant(service, issued: Issued) -> None:
+    owner, store, alice_token = service
+    bob_token = store.add_tenant("bob")
+    server, address = _serve(owner, store, ServerTls(issued.server_cert, issued.server_key, issued.ca))
+    alice_cert, alice_key = issued.clients["alice"]
+    mallory_cert, mallory_key = issued.clients["mallory"]  # signed by the CA, no such tenant
+    try:
+        with Remote(address, alice_token, timeout=20, tls=ClientTls(issued.ca, alice_cert, alice_key)) as remote:
+            assert _status(remote) is None  # token and certificate agree
+        for cert, key in ((alice_cert, alice_key), (mallory_cert, mallory_key)):
+            with Remote(address, bob_token, timeout=20, tls=ClientTls(issued.ca, cert, key)) as remote:
+                assert _status(remote) == grpc.StatusCode.PERMISSION_DENIED
+        audited = [json.loads(line) for line in (store.root / "audit.jsonl").read_text().splitlines()]
+        assert [(a["tenant"], a["status"]) for a in audited] == [
+            ("alice", "OK"),
+            (None, "PERMISSION_DENIED"),
+            (None, "PERMISSION_DENIED"),
+        ]
+    finally:
+        server.stop(None)
+
+
+def test_certs_init_force_makes_keys_owner_only_even_over_looser_old_files(tmp_path: Path) -> None:
+    first = init_certificates(tmp_path, "localhost", ["alice"])
+    keys = [first.directory / "ca.key", first.server_key, first.clients["alice"][1]]
+    for key in keys:
+        key.chmod(0o644)
+    init_certificates(tmp_path, "localhost", ["alice"], overwrite=True)
+    for key in keys:
+        assert stat.S_IMODE(key.stat().st_mode) == 0o600, key
