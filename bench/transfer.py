@@ -41,6 +41,7 @@ from offsite.client.local_model import load_emulator, plug_into_emulator
 from offsite.client.training import lora, train_adapter
 from offsite.client.training.config import DEFAULT_LEARNING_RATE, TrainConfig
 from offsite.client.training.loop import fit
+from offsite.common import confidence as stats
 from offsite.common.adapter_format import LORA
 from offsite.common.architectures import depth, spec_for
 from offsite.common.contract import DEFAULT_EMULATOR, DEFAULT_MODEL
@@ -52,7 +53,7 @@ from offsite.owner.emulator import EmulatorSpec, build_emulator
 from offsite.owner.store import Store
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import transfer_stats as stats  # noqa: E402
+
 from results_files import write_results  # noqa: E402
 from transfer_tasks import DEFAULT_TASKS, FORMATS, TASKS, Item, TaskData, to_example  # noqa: E402
 
@@ -61,7 +62,7 @@ RESULTS = ROOT / "bench" / "results" / "transfer"
 CELLS = ROOT / "bench" / "results" / "transfer_cells"
 RECIPE_FILE = ROOT / "bench" / "transfer_recipe.json"
 ROWS = ("zero_shot", "emulator_zero_shot", "emulator_adapter", "plug_in", "ceiling")
-SELECTION_TASKS = ("sst2",)
+SELECTION_TASKS = ("sst2", "trec")  # two kinds of task (binary sentiment, 6-way question type), not one
 
 
 @dataclass(frozen=True)
@@ -195,8 +196,11 @@ class TransferBench:
 
     # ---- prompt format, chosen on held-out rows by the full model's zero-shot accuracy
 
-    def prompt_format(self, data: TaskData) -> str:
-        formats = [f for f in FORMATS if f == "plain" or self.tokenizer.chat_template]
+    def formats(self) -> list[str]:
+        return [f for f in FORMATS if f == "plain" or self.tokenizer.chat_template]
+
+    def format_cell(self, data: TaskData) -> dict[str, Any]:
+        formats = self.formats()
         facts = {**self.base_facts(data, "format"), "formats": formats, "heldout_rows": len(data.heldout)}
         cell = self.cells.get(facts)
         if cell is None:
@@ -206,7 +210,15 @@ class TransferBench:
                 scored = self.score(self.loaded.model, data, data.heldout, name)
                 accuracy[name] = scored["acc_norm" if data.multi_token else "acc"]
             cell = self.cells.put(facts, {"heldout_accuracy": accuracy, "chosen": max(formats, key=accuracy.get)})
-        return cell["chosen"]
+        return cell
+
+    def prompt_format(self, data: TaskData) -> str:
+        return self.format_cell(data)["chosen"]
+
+    def heldout_zero_shot(self, data: TaskData) -> float:
+        """The full model's accuracy on the held-out rows in the chosen format (the bar a recipe must clear)."""
+        cell = self.format_cell(data)
+        return cell["heldout_accuracy"][cell["chosen"]]
 
     # ---- rows
 
@@ -271,9 +283,19 @@ class TransferBench:
         facts = self.emulator_facts(data, "emulator_zero_shot", spec_text)
         cell = self.cells.get(facts)
         if cell is None:
-            directory, _ = self.emulator(spec_text)
+            directory, manifest = self.emulator(spec_text)
             model, _, _ = load_emulator(directory)
-            cell = self.cells.put(facts, self.score(model, data, self.test_items(data), facts["format"]))
+            scored = self.score(model, data, self.test_items(data), facts["format"])
+            # the owner's report card rides along, for the privacy-utility frontier
+            built = directory.parent / f"{manifest['id']}.build_seconds"
+            cell = self.cells.put(
+                facts,
+                {
+                    **scored,
+                    "report_card": manifest.get("report_card", {}),
+                    "build_seconds": float(built.read_text()) if built.is_file() else None,
+                },
+            )
         return cell
 
     def offsite(
@@ -313,8 +335,8 @@ class TransferBench:
 # ---- recipe selection on held-out rows
 
 
-# The learning rate on the default blocks, then the other blocks at the middle rate: 4 trainings, not 6 (2-core budget).
-SELECTION_GRID = ((3e-4, "top"), (1e-3, "top"), (3e-3, "top"), (1e-3, "all"))
+# Two learning rates on the top blocks, then every adapter block at the lower one: 3 trainings per task (2 cores).
+SELECTION_GRID = ((3e-4, "top"), (1e-3, "top"), (3e-4, "all"))
 
 
 def select_recipe(bench: TransferBench, tasks: list[str], emulator: str) -> dict[str, Any]:
@@ -322,16 +344,18 @@ def select_recipe(bench: TransferBench, tasks: list[str], emulator: str) -> dict
     trials = []
     for lr, blocks in SELECTION_GRID:
         recipe = replace(bench.recipe, lr=lr, train_blocks=blocks)
-        per_task = {}
+        per_task, on_emulator = {}, {}
         for name in tasks:
             data = bench.task(name)
-            _, plugged = bench.offsite(data, emulator, 0, recipe, data.heldout, row_suffix="_heldout")
-            per_task[name] = plugged["acc_norm" if data.multi_token else "acc"]
+            emulated, plugged = bench.offsite(data, emulator, 0, recipe, data.heldout, row_suffix="_heldout")
+            metric = "acc_norm" if data.multi_token else "acc"
+            per_task[name], on_emulator[name] = plugged[metric], emulated[metric]
         trials.append(
             {
                 "lr": lr,
                 "train_blocks": blocks,
                 "heldout_plug_in": per_task,
+                "heldout_emulator_adapter": on_emulator,
                 "mean": float(np.mean(list(per_task.values()))),
             }
         )
@@ -340,6 +364,7 @@ def select_recipe(bench: TransferBench, tasks: list[str], emulator: str) -> dict
     chosen = replace(bench.recipe, lr=best["lr"], train_blocks=best["train_blocks"])
     return {
         "recipe": asdict(chosen),
+        "heldout_zero_shot": {name: bench.heldout_zero_shot(bench.task(name)) for name in tasks},
         "selected_on": {
             "tasks": tasks,
             "emulator": emulator,
@@ -369,6 +394,16 @@ def collect(cells: Cells, recipe: Recipe, model: str | None) -> dict[tuple[str, 
             continue
         groups.setdefault((cell["task"], cell.get("emulator"), cell["row"]), []).append(cell)
     return groups
+
+
+def owner_side(groups: dict[tuple[str, str | None, str], list[dict[str, Any]]], emulator: str) -> dict[str, Any]:
+    """The emulator's report card and build time, as its emulator_zero_shot cells recorded them."""
+    for (_, key_emulator, row), found in groups.items():
+        if key_emulator == emulator and row == "emulator_zero_shot" and "report_card" in found[0]:
+            params = found[0].get("emulator_params", {})
+            seconds = found[0].get("build_seconds") or params.get("seconds")
+            return {"report_card": found[0]["report_card"], "build_seconds": seconds}
+    return {}
 
 
 def build_report(cells: Cells, recipe: Recipe, default_emulator: str, model: str | None = None) -> dict[str, Any]:
@@ -456,6 +491,13 @@ def build_report(cells: Cells, recipe: Recipe, default_emulator: str, model: str
                     [m(t, emulator, "emulator_adapter") for t in covered]
                 ).as_dict(),
                 "zero_shot": stats.suite_estimate([m(t, emulator, "zero_shot") for t in covered]).as_dict(),
+                "plug_in_minus_zero_shot": stats.suite_difference(
+                    [(m(t, emulator, "plug_in"), m(t, emulator, "zero_shot")) for t in covered]
+                ).as_dict(),
+                "plug_in_minus_emulator_adapter": stats.suite_difference(
+                    [(m(t, emulator, "plug_in"), m(t, emulator, "emulator_adapter")) for t in covered]
+                ).as_dict(),
+                **owner_side(groups, emulator),
             }
     uniform = next((e for e in per_emulator if e.startswith("uniform:")), None)
     versus_uniform = []
@@ -603,13 +645,20 @@ def markdown(report: dict[str, Any], meta: dict[str, Any]) -> str:
             "",
             "Every emulator (seed 0 unless the default; suite average over the tasks it has):",
             "",
-            "| emulator | tasks | emulator + adapter | plug-in | zero-shot on those tasks |",
-            "|---|---|---:|---:|---:|",
+            "| emulator | tasks | novel perplexity (full) | build s | emulator + adapter | plug-in "
+            "| zero-shot on those tasks | plug-in − zero-shot | plug-in − emu+adapter |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for emulator, entry in report["per_emulator"].items():
+            card = entry.get("report_card") or {}
+            perplexity = (
+                f"{card['gutenberg_perplexity']:.1f} ({card['full_gutenberg_perplexity']:.1f})" if card else "—"
+            )
+            seconds = f"{entry['build_seconds']:.0f}" if entry.get("build_seconds") else "—"
             lines.append(
-                f"| {emulator} | {len(entry['tasks'])} | {_cell(entry['emulator_adapter'])} "
-                f"| {_cell(entry['plug_in'])} | {_cell(entry['zero_shot'])} |"
+                f"| {emulator} | {len(entry['tasks'])} | {perplexity} | {seconds} | {_cell(entry['emulator_adapter'])} "
+                f"| {_cell(entry['plug_in'])} | {_cell(entry['zero_shot'])} "
+                f"| {_cell(entry['plug_in_minus_zero_shot'])} | {_cell(entry['plug_in_minus_emulator_adapter'])} |"
             )
     if report["versus_uniform"]:
         lines += ["", "Plug-in against the uniform emulator's plug-in (paired, tasks both have):", ""]
@@ -664,6 +713,40 @@ def plot(report: dict[str, Any], path: Path) -> None:
     axes.legend(fontsize=8, ncol=2)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
+
+
+def plot_frontier(report: dict[str, Any], path: Path) -> bool:
+    """Privacy against utility, one point per emulator: its held-out perplexity and the plug-in's gain."""
+    points = [(e, entry) for e, entry in report["per_emulator"].items() if entry.get("report_card")]
+    if not points:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for emulator, entry in points:
+        x = entry["report_card"]["gutenberg_perplexity"]
+        for ax, key in zip(axes, ("plug_in_minus_zero_shot", "plug_in_minus_emulator_adapter"), strict=True):
+            est = entry[key]
+            low, high = (est["mean"] - est["ci_low"]) * 100, (est["ci_high"] - est["mean"]) * 100
+            ax.errorbar([x], [est["mean"] * 100], yerr=[[low], [high]], fmt="o", capsize=3)
+            ax.annotate(emulator, (x, est["mean"] * 100), fontsize=7, xytext=(4, 4), textcoords="offset points")
+    full = points[0][1]["report_card"]["full_gutenberg_perplexity"]
+    for ax, title in zip(
+        axes, ("utility: plug-in − zero-shot", "privacy gap: plug-in − emulator + adapter"), strict=True
+    ):
+        ax.axvline(full, color="grey", linestyle=":", label=f"full model ({full:.0f})")
+        ax.axhline(0, color="black", linewidth=0.5)
+        ax.set_xscale("log")
+        ax.set_xlabel("emulator perplexity on the held-out novel (log)")
+        ax.set_ylabel("points, suite mean, 95% CI")
+        ax.set_title(title, fontsize=10)
+        ax.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    return True
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -759,6 +842,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out)
     write_results(out, report, markdown(report, meta))
     plot(report, out.with_suffix(".png"))
+    plot_frontier(report, out.with_name(out.name + "_frontier.png"))
     return {**report, "out": str(out)}
 
 

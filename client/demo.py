@@ -16,6 +16,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from ..common import confidence
 from ..common.contract import DEFAULT_MODEL
 from ..owner.store import Store
 
@@ -99,18 +102,9 @@ def _row(name: str, report: dict[str, Any], training: dict[str, Any] | None) -> 
     }
 
 
-Z_95 = 1.959964
-
-
-def gain_interval(plugged: float, zero_shot: float, n: int) -> tuple[float, float, float]:
-    """plug-in − zero-shot and its 95% CI from the two accuracies alone.
-
-    Treating the rows as independent samples is conservative: the same n examples are scored twice, and a paired
-    interval (which needs per-example outcomes the Evaluate RPC does not return) would be narrower.
-    """
-    difference = plugged - zero_shot
-    spread = Z_95 * math.sqrt((plugged * (1 - plugged) + zero_shot * (1 - zero_shot)) / n)
-    return difference, difference - spread, difference + spread
+def gain_interval(plugged: list[bool], zero_shot: list[bool]) -> confidence.Comparison:
+    """plug-in − zero-shot with its 95% paired-bootstrap CI and p-value: both rows scored the same examples."""
+    return confidence.compare(np.array([plugged], dtype=float), np.array([zero_shot], dtype=float))
 
 
 def run_demo(args: argparse.Namespace) -> None:
@@ -180,11 +174,10 @@ def run_demo(args: argparse.Namespace) -> None:
         say("[demo] pushing only the adapter weights")
         pushed = run_json([*offsite, "push", "--server", address, "--adapter", str(adapter_dir)], env)
         say("[demo] the owner evaluates its full model, zero-shot and with the adapter plugged in")
-        full_zero = run_json([*offsite, "eval", "--server", address, "--data", eval_data, *limits], env)
-        plugged = run_json(
-            [*offsite, "eval", "--server", address, "--adapter-id", pushed["adapter_id"], "--data", eval_data, *limits],
-            env,
-        )
+        # --yes: the demo's evaluation rows are public SST-2 dev sentences, sent to our own loopback owner
+        remote_eval = [*offsite, "eval", "--server", address, "--data", eval_data, *limits, "--yes"]
+        full_zero = run_json(remote_eval, env)
+        plugged = run_json([*remote_eval, "--adapter-id", pushed["adapter_id"]], env)
         sample = run_json(
             [
                 *offsite,
@@ -211,11 +204,12 @@ def run_demo(args: argparse.Namespace) -> None:
         _row(f"plug-in: full model + {args.method} adapter (owner)", plugged, training),
     ]
     table = render_table(rows)
-    gain, low, high = gain_interval(plugged["accuracy"], full_zero["accuracy"], int(full_zero["examples"]))
+    comparison = gain_interval(plugged["correct"], full_zero["correct"])
+    gain, low, high = (comparison.difference.mean, comparison.difference.ci_low, comparison.difference.ci_high)
     verdict = "above the noise" if low > 0 else "below zero-shot beyond the noise" if high < 0 else "inside the noise"
     summary = (
-        f"plug-in − zero-shot: {gain * 100:+.2f} points, 95% CI [{low * 100:+.2f}, {high * 100:+.2f}] "
-        f"on {int(full_zero['examples'])} rows (unpaired, conservative): {verdict}"
+        f"plug-in − zero-shot: {gain * 100:+.2f} points, 95% CI [{low * 100:+.2f}, {high * 100:+.2f}], "
+        f"p = {comparison.p_value:.3f} (paired bootstrap on the same {len(full_zero['correct'])} rows): {verdict}"
     )
     results = {
         "ok": True,
@@ -227,7 +221,14 @@ def run_demo(args: argparse.Namespace) -> None:
         "adapter_id": pushed["adapter_id"],
         "adapter_bytes": pushed["bytes"],
         "rows": rows,
-        "plug_in_gain": {"points": gain * 100, "ci_low": low * 100, "ci_high": high * 100, "verdict": verdict},
+        "plug_in_gain": {
+            "points": gain * 100,
+            "ci_low": low * 100,
+            "ci_high": high * 100,
+            "p_value": comparison.p_value,
+            "paired": True,
+            "verdict": verdict,
+        },
         "generated": sample["text"],
         "total_seconds": time.perf_counter() - started,
         "workdir": str(workdir),

@@ -43,6 +43,8 @@ def evaluate_remote(
                     "scored_choices": report.scored_choices,
                     "seconds": report.seconds,
                     "peak_rss_bytes": report.peak_rss_bytes,
+                    "accuracy_norm": report.accuracy_norm,
+                    "correct": list(report.correct),
                 }
     raise RuntimeError("the owner closed the evaluation without a report")
 

@@ -1,4 +1,4 @@
-"""Uncertainty for the transfer benchmark: bootstrap CIs over examples and seeds, and paired tests.
+"""Uncertainty of accuracies: bootstrap CIs over examples and seeds, and paired tests (the benchmark and the demo).
 
 A cell's outcome is a 0/1 vector over the same test examples; a row holds one vector per seed (a matrix
 seeds × examples). Resampling draws seeds and examples with replacement, so the interval covers both the test-set

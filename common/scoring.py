@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -83,6 +83,8 @@ class EvaluationReport:
     # lm-eval's acc_norm: each choice's log-likelihood divided by its length in characters
     accuracy_norm: float = float("nan")
     peak_rss_bytes: int = 0  # the process's most resident memory during this evaluation
+    # per example with choices, in order: two systems scored on the same examples compare paired
+    correct: list[bool] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, float | int]:
         return asdict(self)
@@ -221,7 +223,8 @@ def evaluate(
     started = time.perf_counter()
     with PeakRss() as rss:
         scores = score_examples(model, tokenizer, examples, batch_size, max_length, progress)
-    nll, tokens, correct, correct_norm, with_choices = 0.0, 0, 0, 0, 0
+    nll, tokens, correct_norm = 0.0, 0, 0
+    outcomes: list[bool] = []
     for score in scores:
         target = 0 if score.gold is None and not score.has_choices else score.gold
         if target is None:
@@ -229,8 +232,7 @@ def evaluate(
         nll -= score.logprobs[target]
         tokens += score.tokens[target]
         if score.has_choices:
-            with_choices += 1
-            correct += int(score.correct)
+            outcomes.append(score.correct)
             correct_norm += int(score.correct_norm)
     loss = nll / tokens if tokens else float("nan")
     return EvaluationReport(
@@ -238,9 +240,10 @@ def evaluate(
         tokens=tokens,
         loss=loss,
         perplexity=math.exp(loss) if tokens and loss < 700 else float("nan"),
-        accuracy=correct / with_choices if with_choices else float("nan"),
-        scored_choices=with_choices,
+        accuracy=sum(outcomes) / len(outcomes) if outcomes else float("nan"),
+        scored_choices=len(outcomes),
         seconds=time.perf_counter() - started,
-        accuracy_norm=correct_norm / with_choices if with_choices else float("nan"),
+        accuracy_norm=correct_norm / len(outcomes) if outcomes else float("nan"),
         peak_rss_bytes=rss.peak,
+        correct=outcomes,
     )

@@ -29,6 +29,9 @@ def test_demo_on_smollm2(tmp_path: Path) -> None:
             "200",
             "--eval-limit",
             "100",
+            # the code path of the default emulator at a quarter of its distillation budget: minutes, not half an hour
+            "--emulator",
+            "distill:2-8-2,tokens=98304",
             "--workdir",
             str(tmp_path),
             "--json",

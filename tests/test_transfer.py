@@ -10,6 +10,7 @@ import pytest
 from tiny_models import save_tiny_model, tokenizer
 from transformers import AutoModelForCausalLM
 
+from offsite.common import confidence
 from offsite.common.examples import IGNORE, Example, keep_end, tokenize_for_training
 from offsite.common.scoring import ExampleScore, evaluate
 
@@ -17,7 +18,6 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
 sys.path.insert(0, str(BENCH))
 
 import transfer  # noqa: E402
-import transfer_stats  # noqa: E402
 
 
 class BosTokenizer:
@@ -85,7 +85,7 @@ def test_bootstrap_interval_covers_the_mean_and_narrows_with_more_examples() -> 
     rng = np.random.default_rng(3)
     small = (rng.random((3, 100)) < 0.7).astype(int)
     large = (rng.random((3, 2000)) < 0.7).astype(int)
-    a, b = transfer_stats.estimate(small), transfer_stats.estimate(large)
+    a, b = confidence.estimate(small), confidence.estimate(large)
     assert a.ci_low <= a.mean <= a.ci_high
     assert (b.ci_high - b.ci_low) < (a.ci_high - a.ci_low) / 2
 
@@ -95,9 +95,9 @@ def test_paired_comparison_finds_a_real_difference_and_not_a_null_one() -> None:
     base = (rng.random((1, 500)) < 0.6).astype(int)
     better = base.copy()
     better[0, np.flatnonzero(base[0] == 0)[:60]] = 1  # 60 of 500 examples flip to correct
-    assert transfer_stats.compare(better, base).p_value < 0.01
-    assert transfer_stats.compare(better, base).difference.ci_low > 0
-    same = transfer_stats.compare(base, base)
+    assert confidence.compare(better, base).p_value < 0.01
+    assert confidence.compare(better, base).difference.ci_low > 0
+    same = confidence.compare(base, base)
     assert same.difference.mean == 0 and same.p_value == 1.0
 
 
@@ -115,6 +115,10 @@ def test_smoke_run_fills_every_row_and_reports_cis() -> None:
     assert report["suite"]["tasks"] == ["sst2_sample"]
     assert {t["target"] for t in report["targets"]} >= {"plug-in ≥ zero-shot on every task"}
     assert Path(report["out"]).with_suffix(".png").is_file()
+    uniform = report["per_emulator"]["uniform:1-2-1"]
+    assert uniform["report_card"]["gutenberg_perplexity"] > 0  # the frontier's privacy axis
+    assert uniform["plug_in_minus_zero_shot"]["ci_low"] <= uniform["plug_in_minus_zero_shot"]["mean"]
+    assert Path(report["out"] + "_frontier.png").is_file()
 
 
 @pytest.mark.parametrize("prompt_format", ["plain", "chat"])

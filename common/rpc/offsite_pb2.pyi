@@ -225,7 +225,7 @@ class EvaluateRequest(_message.Message):
     def __init__(self, adapter_id: _Optional[str] = ..., examples: _Optional[_Iterable[_Union[Example, _Mapping]]] = ..., use_owner_data: _Optional[bool] = ..., limit: _Optional[int] = ..., batch_size: _Optional[int] = ...) -> None: ...
 
 class EvaluationReport(_message.Message):
-    __slots__ = ("examples", "tokens", "loss", "perplexity", "accuracy", "scored_choices", "seconds", "peak_rss_bytes")
+    __slots__ = ("examples", "tokens", "loss", "perplexity", "accuracy", "scored_choices", "seconds", "peak_rss_bytes", "accuracy_norm", "correct")
     EXAMPLES_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
@@ -234,6 +234,8 @@ class EvaluationReport(_message.Message):
     SCORED_CHOICES_FIELD_NUMBER: _ClassVar[int]
     SECONDS_FIELD_NUMBER: _ClassVar[int]
     PEAK_RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ACCURACY_NORM_FIELD_NUMBER: _ClassVar[int]
+    CORRECT_FIELD_NUMBER: _ClassVar[int]
     examples: int
     tokens: int
     loss: float
@@ -242,7 +244,9 @@ class EvaluationReport(_message.Message):
     scored_choices: int
     seconds: float
     peak_rss_bytes: int
-    def __init__(self, examples: _Optional[int] = ..., tokens: _Optional[int] = ..., loss: _Optional[float] = ..., perplexity: _Optional[float] = ..., accuracy: _Optional[float] = ..., scored_choices: _Optional[int] = ..., seconds: _Optional[float] = ..., peak_rss_bytes: _Optional[int] = ...) -> None: ...
+    accuracy_norm: float
+    correct: _containers.RepeatedScalarFieldContainer[bool]
+    def __init__(self, examples: _Optional[int] = ..., tokens: _Optional[int] = ..., loss: _Optional[float] = ..., perplexity: _Optional[float] = ..., accuracy: _Optional[float] = ..., scored_choices: _Optional[int] = ..., seconds: _Optional[float] = ..., peak_rss_bytes: _Optional[int] = ..., accuracy_norm: _Optional[float] = ..., correct: _Optional[_Iterable[bool]] = ...) -> None: ...
 
 class EvaluateEvent(_message.Message):
     __slots__ = ("progress", "report")
