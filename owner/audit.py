@@ -5,6 +5,10 @@ is known only after authentication, inside the servicer, which reports it with `
 
 The log is the owner's alone (0600) and each line is fsynced before the call's status is sent. A line that cannot
 be written is reported on stderr and the RPC goes on: the audit trail must not become a way to take the service down.
+
+The interceptor keeps one record per call (`Call`: request id, tenant, bytes, timing) and hands it to its observers:
+the audit log, the per-RPC log line (`RpcLog`) and the Prometheus metrics (`metrics.OwnerMetrics`) all read that
+one record, so they agree on every number and share one request id.
 """
 
 from __future__ import annotations
@@ -14,9 +18,11 @@ import datetime
 import json
 import logging
 import os
+import secrets
+import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,21 +31,69 @@ import grpc
 
 AUDIT_FILE = "audit.jsonl"
 AUDIT_MODE = 0o600
+REQUEST_ID_BYTES = 8  # 16 hex digits: unique enough to find one call in a day of logs
+RPC_LOGGER = "offsite.owner.rpc"
+QUIET_SERVICES = ("/grpc.health.v1.Health/",)  # probes every few seconds: logged at DEBUG, not INFO
+TEXT_LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
 
 log = logging.getLogger(__name__)
 
 
+def new_request_id() -> str:
+    return secrets.token_hex(REQUEST_ID_BYTES)
+
+
 @dataclass
-class _Call:
-    method: str
+class Call:
+    method: str  # /package.Service/Method
     peer: str
+    request_streaming: bool = False
+    response_streaming: bool = False
+    request_id: str = field(default_factory=new_request_id)
     started: float = field(default_factory=time.monotonic)
     tenant: str | None = None
     bytes_in: int = 0
     bytes_out: int = 0
 
+    @property
+    def seconds(self) -> float:
+        return time.monotonic() - self.started
 
-_current: contextvars.ContextVar[_Call | None] = contextvars.ContextVar("offsite_audit_call", default=None)
+    @property
+    def service_and_name(self) -> tuple[str, str]:
+        service, _, name = self.method.lstrip("/").partition("/")
+        return service, name
+
+    @property
+    def kind(self) -> str:
+        """gRPC's four call types, spelled as go-grpc-prometheus labels them."""
+        if self.request_streaming and self.response_streaming:
+            return "bidi_stream"
+        return "client_stream" if self.request_streaming else "server_stream" if self.response_streaming else "unary"
+
+
+_current: contextvars.ContextVar[Call | None] = contextvars.ContextVar("offsite_audit_call", default=None)
+
+
+def current_request_id() -> str | None:
+    call = _current.get()
+    return call.request_id if call is not None else None
+
+
+class CallObserver:
+    """Sees every call the interceptor wraps; each hook is a no-op unless overridden. Hooks must be quick."""
+
+    def started(self, call: Call) -> None:
+        pass
+
+    def received(self, call: Call, message: Any, size: int) -> None:
+        pass
+
+    def sent(self, call: Call, message: Any, size: int) -> None:
+        pass
+
+    def finished(self, call: Call, status: grpc.StatusCode) -> None:
+        pass
 
 
 def note_tenant(tenant: str) -> None:
@@ -49,21 +103,25 @@ def note_tenant(tenant: str) -> None:
         call.tenant = tenant
 
 
-class AuditLog:
+class AuditLog(CallObserver):
     def __init__(self, path: Path):
         self.path = path
         self._lock = threading.Lock()
 
-    def write(self, call: _Call, status: grpc.StatusCode) -> None:
+    def finished(self, call: Call, status: grpc.StatusCode) -> None:
+        self.write(call, status)
+
+    def write(self, call: Call, status: grpc.StatusCode) -> None:
         line = {
             "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds"),
+            "request_id": call.request_id,
             "tenant": call.tenant,
             "method": call.method,
             "peer": call.peer,
             "bytes_in": call.bytes_in,
             "bytes_out": call.bytes_out,
             "status": status.name,
-            "duration_ms": round((time.monotonic() - call.started) * 1000, 2),
+            "duration_ms": round(call.seconds * 1000, 2),
         }
         try:
             self._append((json.dumps(line) + "\n").encode())
@@ -91,8 +149,11 @@ def _status(context: grpc.ServicerContext, failed: bool) -> grpc.StatusCode:
 
 
 class AuditInterceptor(grpc.ServerInterceptor):
-    def __init__(self, log: AuditLog):
+    """Wraps every handler; `log` (the audit log) sees each call first, then `observers` in order."""
+
+    def __init__(self, log: AuditLog, observers: Sequence[CallObserver] = ()):
         self.log = log
+        self.observers: tuple[CallObserver, ...] = (log, *observers)
 
     def intercept_service(
         self, continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None], details: Any
@@ -115,46 +176,137 @@ class AuditInterceptor(grpc.ServerInterceptor):
             response_serializer=handler.response_serializer,
         )
 
+    def _notify(self, hook: str, *arguments: Any) -> None:
+        for observer in self.observers:
+            try:
+                getattr(observer, hook)(*arguments)
+            except Exception:  # an observer's bug must not fail the call, as a failed audit write does not
+                log.exception("%s.%s failed", type(observer).__name__, hook)
+
     def _wrap(
         self, method: str, behavior: Callable[..., Any], request_streaming: bool, response_streaming: bool
     ) -> Callable[..., Any]:
-        log = self.log
+        notify = self._notify
 
-        def counted_requests(requests: Iterator[Any], call: _Call) -> Iterator[Any]:
+        def received(call: Call, message: Any) -> None:
+            size = message.ByteSize()
+            call.bytes_in += size
+            notify("received", call, message, size)
+
+        def sent(call: Call, message: Any) -> None:
+            size = message.ByteSize() if message is not None else 0
+            call.bytes_out += size
+            notify("sent", call, message, size)
+
+        def counted_requests(requests: Iterator[Any], call: Call) -> Iterator[Any]:
             for message in requests:
-                call.bytes_in += message.ByteSize()
+                received(call, message)
                 yield message
 
-        def counted_responses(responses: Iterator[Any], call: _Call, context: grpc.ServicerContext) -> Iterator[Any]:
+        def counted_responses(responses: Iterator[Any], call: Call, context: grpc.ServicerContext) -> Iterator[Any]:
             reset = _current.set(call)  # the stream runs after the handler returned: keep the call current
             failed = True
             try:
                 for message in responses:
-                    call.bytes_out += message.ByteSize()
+                    sent(call, message)
                     yield message
                 failed = False
             finally:
-                log.write(call, _status(context, failed))
+                notify("finished", call, _status(context, failed))
                 _current.reset(reset)
 
         def audited(request: Any, context: grpc.ServicerContext) -> Any:
-            call = _Call(method, context.peer())
+            call = Call(method, context.peer(), request_streaming, response_streaming)
             reset = _current.set(call)
+            notify("started", call)
             try:
                 if request_streaming:
                     request = counted_requests(request, call)
                 else:
-                    call.bytes_in = request.ByteSize()
+                    received(call, request)
                 result = behavior(request, context)
                 if response_streaming:
                     return counted_responses(result, call, context)
-                call.bytes_out = result.ByteSize() if result is not None else 0
-                log.write(call, _status(context, False))
+                sent(call, result)
+                notify("finished", call, _status(context, False))
                 return result
             except BaseException:
-                log.write(call, _status(context, True))
+                notify("finished", call, _status(context, True))
                 raise
             finally:
                 _current.reset(reset)
 
         return audited
+
+
+class RpcLog(CallObserver):
+    """One log line per call, carrying the audit line's request id; health probes only at DEBUG."""
+
+    def __init__(self, logger: logging.Logger | None = None):
+        self.logger = logger or logging.getLogger(RPC_LOGGER)
+
+    def finished(self, call: Call, status: grpc.StatusCode) -> None:
+        level = logging.DEBUG if call.method.startswith(QUIET_SERVICES) else logging.INFO
+        if not self.logger.isEnabledFor(level):
+            return
+        fields = {
+            "request_id": call.request_id,
+            "method": call.method,
+            "tenant": call.tenant,
+            "peer": call.peer,
+            "status": status.name,
+            "duration_ms": round(call.seconds * 1000, 2),
+            "bytes_in": call.bytes_in,
+            "bytes_out": call.bytes_out,
+        }
+        self.logger.log(
+            level,
+            "%s %s tenant=%s %.1f ms in=%d out=%d id=%s",
+            call.method,
+            status.name,
+            call.tenant or "-",
+            fields["duration_ms"],
+            call.bytes_in,
+            call.bytes_out,
+            call.request_id,
+            extra={"fields": fields},
+        )
+
+
+class RequestIdFilter(logging.Filter):
+    """Stamps each record made during a call with its request id, so any line can be matched to the audit log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not hasattr(record, "request_id"):
+            record.request_id = current_request_id()
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object a line: time, level, logger, message, request id, and a record's structured `fields`."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "time": datetime.datetime.fromtimestamp(record.created, datetime.timezone.utc).isoformat(
+                timespec="milliseconds"
+            ),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        request_id = getattr(record, "request_id", None)
+        if request_id:
+            line["request_id"] = request_id
+        line.update(getattr(record, "fields", None) or {})
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return json.dumps(line, default=str)
+
+
+def configure_logging(log_format: str = "text", level: str = "info") -> logging.Handler:
+    """The daemon's stderr logging: human-readable text by default, or JSON lines; replaces earlier handlers."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_LOG_FORMAT))
+    handler.addFilter(RequestIdFilter())
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+    return handler

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import json
+import logging
 import os
 import signal
 import sys
@@ -12,16 +14,10 @@ from pathlib import Path
 from ..common import output_dir
 from ..common.architectures import UnsupportedArchitecture
 from ..common.cli_output import emit, fail, quiet_libraries
-from ..common.contract import (
-    DEFAULT_EMULATOR,
-    DEFAULT_MODEL,
-    MAX_ADAPTERS_PER_TENANT,
-    MAX_STREAMS_PER_TENANT,
-    MAX_TENANT_BYTES,
-    MiB,
-)
+from ..common.contract import DEFAULT_MODEL, MiB
 from ..common.examples import DataError, read_jsonl
 from ..common.model_loading import ModelNotFound, fingerprint, load_model
+from .audit import AUDIT_FILE, CallObserver, RpcLog, configure_logging
 from .certificates import (
     DEFAULT_VALID_DAYS,
     KEY_MODE,
@@ -31,16 +27,20 @@ from .certificates import (
     issue_client,
     parse_serial,
 )
+from .config import OPTIONS_BY_KEY, Effective, add_serve_arguments, check_file, read_file, resolve, to_toml
 from .emulator import BUILDERS, EmulatorSpec, build_emulator
 from .emulator.layout import LayoutError
 from .emulator.placement import PLACEMENTS
 from .limits import TenantLimits
+from .metrics import MetricsEndpoint, OwnerMetrics, serve_metrics
 from .server import BindRefused, ServerTls, start_server
 from .service import OwnerService
 from .store import STORE_UMASK, Store
 
 SHUTDOWN_GRACE_SECONDS = 10.0
 SECRET_MODE = KEY_MODE  # a token file is as secret as a key
+
+log = logging.getLogger("offsite.owner")
 
 
 def _server_tls(args: argparse.Namespace) -> ServerTls | None:
@@ -53,24 +53,104 @@ def _server_tls(args: argparse.Namespace) -> ServerTls | None:
     return ServerTls(Path(args.tls_cert), Path(args.tls_key), Path(args.client_ca) if args.client_ca else None)
 
 
+def serve_settings(args: argparse.Namespace) -> Effective:
+    """The flags given on the command line over OFFSITE_* variables over the config file over the defaults."""
+    given = {key: value for key, value in vars(args).items() if key in OPTIONS_BY_KEY}
+    return resolve(given, getattr(args, "config", None))
+
+
+def _tls_mode(tls: ServerTls | None) -> str:
+    if tls is None:
+        return "off"
+    return f"mutual (client CA {tls.client_ca})" if tls.client_ca else "on"
+
+
+def banner_fields(
+    args: argparse.Namespace, service: OwnerService, address: str, tls: ServerTls | None, metrics_url: str | None
+) -> dict[str, object]:
+    """What an operator checks first after a start: where, which model and emulators, which key, how secured."""
+    return {
+        "event": "banner",
+        "address": address,
+        "model": service.loaded.name,
+        "architecture": service.loaded.model.config.model_type,
+        "emulators": {
+            emulator_id: {"parameters": int(e.manifest["parameters"]), "bytes": e.bytes}
+            for emulator_id, e in sorted(service.emulators.items())
+        },
+        "owner_public_key": service.public_key,
+        "tls": _tls_mode(tls),
+        "metrics": metrics_url,
+        "log_format": args.log_format,
+        "config": args.config,
+        "audit_log": str(Path(args.store) / AUDIT_FILE),
+    }
+
+
+def render_banner(fields: dict[str, object]) -> str:
+    emulators = fields["emulators"]
+    assert isinstance(emulators, dict)
+    rows = [
+        ("address", fields["address"]),
+        ("model", f"{fields['model']} ({fields['architecture']})"),
+        *(
+            ("emulator", f"{name}: {info['parameters']:,} parameters, {info['bytes'] / MiB:,.1f} MiB")
+            for name, info in emulators.items()
+        ),
+        ("owner key", fields["owner_public_key"]),
+        ("TLS", fields["tls"]),
+        ("metrics", fields["metrics"] or "off (--metrics-port N)"),
+        ("logs", fields["log_format"]),
+        ("audit log", fields["audit_log"]),
+        ("config", fields["config"] or "none (flags, OFFSITE_* and defaults)"),
+    ]
+    return "offsite-owner\n" + "\n".join(f"  {label:<10} {value}" for label, value in rows)
+
+
+def _start_metrics(metrics: OwnerMetrics, host: str, port: int) -> MetricsEndpoint:
+    try:
+        return serve_metrics(metrics, host, port)
+    except OSError as error:
+        raise BindRefused(
+            f"cannot serve metrics on {host}:{port} (--metrics-port): {error.strerror or error}"
+        ) from None
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
+    args = serve_settings(args).namespace()
+    configure_logging(args.log_format, args.log_level)
     store = Store(Path(args.store))
     removed = store.recover()
     if removed:
-        print(f"recovered the store: removed {len(removed)} leftover(s) of interrupted writes", file=sys.stderr)
-    specs = [EmulatorSpec.parse(text) for text in (args.emulator or [DEFAULT_EMULATOR])]
+        log.info("recovered the store: removed %d leftover(s) of interrupted writes", len(removed))
+    specs = [EmulatorSpec.parse(text) for text in args.emulator]
     owner_examples = read_jsonl(Path(args.eval_data)) if args.eval_data else None
-    print(f"loading {args.model} ...", file=sys.stderr)
+    log.info("loading %s ...", args.model)
     loaded = load_model(args.model, cache_dir=store.models_dir)
     limits = TenantLimits(args.max_adapters, args.max_tenant_mib * MiB, args.max_streams)
     service = OwnerService(loaded, store, specs, owner_examples, release_margin=args.release_margin, limits=limits)
     if store.tenant_count() == 0:
-        print(
-            f"warning: no tenants yet; add one with: offsite-owner tenants add NAME --store {args.store}",
-            file=sys.stderr,
-        )
-    server, port = start_server(service, store, args.listen, insecure=args.insecure, tls=_server_tls(args))
+        log.warning("no tenants yet; add one with: offsite-owner tenants add NAME --store %s", args.store)
+    observers: list[CallObserver] = [RpcLog()]
+    endpoint = None
+    if args.metrics_port:
+        metrics = OwnerMetrics(store)
+        metrics.offer({emulator_id: e.bytes for emulator_id, e in service.emulators.items()})
+        observers.append(metrics)
+        endpoint = _start_metrics(metrics, args.metrics_host, args.metrics_port)  # a taken port fails before serving
+    tls = _server_tls(args)
+    try:
+        server, port = start_server(service, store, args.listen, insecure=args.insecure, tls=tls, observers=observers)
+    except BaseException:
+        if endpoint:
+            endpoint.close()
+        raise
     host = args.listen.rsplit(":", 1)[0]
+    fields = banner_fields(args, service, f"{host}:{port}", tls, endpoint.url if endpoint else None)
+    if args.log_format == "json":
+        log.info("ready", extra={"fields": fields})
+    else:
+        print(render_banner(fields), file=sys.stderr, flush=True)
     emit(
         {
             "event": "ready",
@@ -78,6 +158,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
             "port": port,
             "emulators": sorted(service.emulators),
             "owner_public_key": service.public_key,
+            "metrics_port": endpoint.port if endpoint else None,
         },
         args.json,
         f"serving {loaded.name} on {host}:{port}; emulators: {', '.join(sorted(service.emulators))}; "
@@ -88,9 +169,38 @@ def cmd_serve(args: argparse.Namespace) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
     stop.wait()
-    print("shutting down: draining in-flight calls", file=sys.stderr)
+    log.info("shutting down: draining in-flight calls")
     server.stop(SHUTDOWN_GRACE_SECONDS).wait()
+    if endpoint:
+        endpoint.close()
     store.close()
+
+
+def cmd_config_show(args: argparse.Namespace) -> None:
+    effective = resolve({}, args.config, require=False)
+    emit(
+        {
+            "ok": True,
+            "config": effective.redacted(),
+            "sources": effective.sources,
+            "file": str(effective.file) if effective.file else None,
+        },
+        args.json,
+        to_toml(effective),
+    )
+
+
+def cmd_config_check(args: argparse.Namespace) -> None:
+    path = Path(args.file)
+    problems = check_file(path)
+    if problems:
+        for problem in problems:
+            print(f"error: {problem}", file=sys.stderr)
+        if args.json:
+            print(json.dumps({"ok": False, "file": args.file, "errors": problems}), flush=True)
+        sys.exit(2)
+    keys = sorted(read_file(path))
+    emit({"ok": True, "file": args.file, "keys": keys}, args.json, f"{args.file}: ok ({len(keys)} key(s) set)")
 
 
 def cmd_build_emulator(args: argparse.Namespace) -> None:
@@ -231,33 +341,28 @@ def parser() -> argparse.ArgumentParser:
         sub.add_argument("--json", action="store_true", help="print one JSON object as the last line")
         return sub
 
-    serve = add("serve", "run the owner daemon")
-    serve.add_argument("--model", default=DEFAULT_MODEL, help="HF directory, .gguf file, hub id, or smollm2-135m")
-    serve.add_argument("--store", required=True, help="the owner's store directory")
-    serve.add_argument("--listen", default="127.0.0.1:50051", help="HOST:PORT (port 0 picks a free one)")
-    serve.add_argument(
-        "--emulator",
-        action="append",
-        help=f"METHOD:L-N-R[,key=value...], e.g. distill:2-8-2,steps=100; repeatable (default {DEFAULT_EMULATOR})",
+    serve = commands.add_parser(
+        "serve",
+        help="run the owner daemon",
+        epilog="Every flag is also a key of the --config file (its name with underscores, e.g. metrics_port) and "
+        "an OFFSITE_<KEY> variable; flags override variables, which override the file.",
     )
-    serve.add_argument("--eval-data", help="the owner's own validation set (JSONL)")
-    serve.add_argument(
-        "--release-margin",
-        type=float,
-        help="refuse to serve an emulator whose held-out perplexity is below full × (1 + MARGIN), e.g. 0.5",
-    )
-    serve.add_argument("--max-adapters", type=int, default=MAX_ADAPTERS_PER_TENANT, help="adapters per tenant")
-    serve.add_argument(
-        "--max-tenant-mib", type=int, default=MAX_TENANT_BYTES // MiB, help="adapter MiB a tenant may store"
-    )
-    serve.add_argument(
-        "--max-streams", type=int, default=MAX_STREAMS_PER_TENANT, help="concurrent streaming calls per tenant"
-    )
-    serve.add_argument("--tls-cert", help="TLS: the server certificate (PEM), e.g. certs/server.pem")
-    serve.add_argument("--tls-key", help="TLS: its private key (PEM)")
-    serve.add_argument("--client-ca", help="mTLS: require client certificates signed by this CA, e.g. certs/ca.pem")
-    serve.add_argument("--insecure", action="store_true", help="allow a non-loopback address without TLS")
+    add_serve_arguments(serve)  # owner/config.py: the one table of serve options (flags, keys, defaults)
     serve.set_defaults(handler=cmd_serve)
+
+    config = commands.add_parser("config", help="the daemon's configuration").add_subparsers(
+        dest="action", required=True
+    )
+    config_show = config.add_parser(
+        "show", help="print the configuration serve would use (defaults < file < OFFSITE_*), secrets redacted"
+    )
+    config_show.add_argument("--config", help="the TOML file (default $OFFSITE_CONFIG)")
+    config_show.add_argument("--json", action="store_true")
+    config_show.set_defaults(handler=cmd_config_show)
+    config_check = config.add_parser("check", help="validate a config file; each error names its key")
+    config_check.add_argument("file")
+    config_check.add_argument("--json", action="store_true")
+    config_check.set_defaults(handler=cmd_config_check)
 
     build = add("build-emulator", "build a signed emulator bundle")
     build.add_argument("--model", default=DEFAULT_MODEL)

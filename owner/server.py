@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Sequence
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +14,7 @@ from grpc_reflection.v1alpha import reflection
 
 from ..common.contract import MAX_MESSAGE_BYTES
 from ..common.rpc import pb, pb_grpc
-from .audit import AUDIT_FILE, AuditInterceptor, AuditLog
+from .audit import AUDIT_FILE, AuditInterceptor, AuditLog, CallObserver
 from .limits import ServerLimits
 from .service import OwnerService
 from .servicer import OwnerServicer
@@ -58,8 +59,12 @@ def start_server(
     insecure: bool = False,
     tls: ServerTls | None = None,
     limits: ServerLimits | None = None,
+    observers: Sequence[CallObserver] = (),
 ) -> tuple[grpc.Server, int]:
-    """Starts serving on `listen` (HOST:PORT; port 0 picks a free one) and returns the server and port."""
+    """Starts serving on `listen` (HOST:PORT; port 0 picks a free one) and returns the server and port.
+
+    `observers` (metrics, the per-RPC log) see every call after the audit log has recorded it.
+    """
     limits = limits or ServerLimits()
     if tls is None and not is_loopback(listen) and not insecure:
         raise BindRefused(
@@ -68,7 +73,7 @@ def start_server(
         )
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=limits.workers),
-        interceptors=[AuditInterceptor(AuditLog(store.root / AUDIT_FILE))],
+        interceptors=[AuditInterceptor(AuditLog(store.root / AUDIT_FILE), observers)],
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),

@@ -235,7 +235,8 @@ def test_every_rpc_is_audited_without_payloads(owner: InProcessOwner, trained: P
     refused = by_method["ListAdapters"]
     assert refused["status"] == "UNAUTHENTICATED" and refused["tenant"] is None
     assert all(
-        set(line) == {"time", "tenant", "method", "peer", "bytes_in", "bytes_out", "status", "duration_ms"}
+        set(line)
+        == {"time", "request_id", "tenant", "method", "peer", "bytes_in", "bytes_out", "status", "duration_ms"}
         for line in lines
     )
     text = (owner.store.root / "audit.jsonl").read_text()
