@@ -126,17 +126,29 @@ def cmd_train(args: argparse.Namespace) -> None:
         lora_rank=args.lora_rank,
         seed=args.seed,
         train_blocks=args.train_blocks,
+        dp_epsilon=args.dp_epsilon,
+        dp_delta=args.dp_delta,
+        dp_max_grad_norm=args.dp_max_grad_norm,
+        record_examples=args.record_examples,
     )
+    if config.private and config.method != "lora":
+        raise ValueError("--dp-epsilon trains with differential privacy for --method lora only")
     output_dir.check(Path(args.out), output_dir.ADAPTER)  # before training, not after
     examples = read_jsonl(Path(args.data), args.limit)
     result = train_adapter(Path(args.emulator), examples, config, Path(args.out), args.owner_key)
     out = {"ok": True, **result.as_dict(), "peak_rss_bytes": peak_rss_bytes()}
+    spent = (
+        f"; differential privacy: ε = {result.privacy['epsilon']:.3g} spent of {config.dp_epsilon:g}, "
+        f"δ = {config.dp_delta:g}, noise multiplier {result.privacy['noise_multiplier']:.3g}"
+        if result.privacy
+        else ""
+    )
     emit(
         out,
         args.json,
         f"trained a {result.method} adapter on {result.examples} examples in {result.steps} steps "
         f"({result.seconds:.1f} s): loss {result.first_loss:.4f} → {result.last_loss:.4f}; "
-        f"{result.parameters:,} parameters written to {result.adapter_dir}",
+        f"{result.parameters:,} parameters written to {result.adapter_dir}{spent}",
     )
 
 
@@ -398,6 +410,29 @@ def parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=0)
     train.add_argument(
         "--train-blocks", choices=TRAIN_BLOCKS, default=TrainConfig.train_blocks, help="which adapter blocks learn"
+    )
+    train.add_argument(
+        "--dp-epsilon",
+        type=float,
+        help="lora: train with differential privacy (DP-SGD, Opacus) spending at most this ε; the manifest records it",
+    )
+    train.add_argument(
+        "--dp-delta",
+        type=float,
+        default=TrainConfig.dp_delta,
+        help=f"with --dp-epsilon: δ, well below 1/examples (default {TrainConfig.dp_delta:g})",
+    )
+    train.add_argument(
+        "--dp-max-grad-norm",
+        type=float,
+        default=TrainConfig.dp_max_grad_norm,
+        help=f"with --dp-epsilon: each example's gradient is clipped to this L2 norm (default "
+        f"{TrainConfig.dp_max_grad_norm:g})",
+    )
+    train.add_argument(
+        "--record-examples",
+        action="store_true",
+        help="write the training-example count (and steps, --limit) into the manifest the owner receives",
     )
     train.add_argument("--owner-key", help="pinned owner key the emulator must be signed by")
     train.set_defaults(handler=cmd_train)

@@ -32,7 +32,9 @@ def generate_remote_pema(
     representer = RemoteRepresenter(remote, adapter.A.weight.shape[1])
 
     def step(ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        return representer.last(ids)
+        # The owner's head, pulled and verified, gives P_LM from f(x): no log-probs need cross the wire.
+        state = representer.last(ids)
+        return state, torch.log_softmax(head.logits(state).float(), dim=-1)
 
     prompt_ids = encode(tokenizer, prompt, special=True)
     tokens = generate_pema(

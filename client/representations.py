@@ -41,9 +41,8 @@ class RemoteRepresenter:
             raise ValueError(f"asked for {len(sequences)} next tokens, the owner sent {len(tokens)}")
         return tokens
 
-    def last(self, ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """f(x) and log P_LM at the last position, for one step of generation."""
-        request = pb.RepresentRequest(token_ids=list(ids), dtype=self.dtype, log_probs="full", last_only=True)
+    def last(self, ids: Sequence[int]) -> torch.Tensor:
+        """f(x) at the last position, for one step of generation (the pulled head turns it into P_LM here)."""
+        request = pb.RepresentRequest(token_ids=list(ids), dtype=self.dtype, last_only=True)
         [response] = list(self.remote.represent(iter([request])))
-        log_probs = decode_tensor(response.log_probs, "float32", (response.positions, response.vocab_size))
-        return self._hidden(response)[-1], log_probs[-1]
+        return self._hidden(response)[-1]

@@ -34,7 +34,7 @@ from .emulator.placement import PLACEMENTS
 from .limits import TenantLimits
 from .metrics import MetricsEndpoint, OwnerMetrics, serve_metrics
 from .server import BindRefused, ServerTls, start_server
-from .service import OwnerService
+from .service import OwnerService, RepresentPolicy
 from .store import STORE_UMASK, Store
 
 SHUTDOWN_GRACE_SECONDS = 10.0
@@ -59,6 +59,32 @@ def serve_settings(args: argparse.Namespace) -> Effective:
     return resolve(given, getattr(args, "config", None))
 
 
+def represent_policy(args: argparse.Namespace) -> RepresentPolicy:
+    return RepresentPolicy(
+        represent=args.represent,
+        head_artifact=args.head_artifact,
+        log_probs=args.represent_log_probs,
+        max_top_k=args.represent_top_k,
+        token_budget=args.represent_token_budget,
+        budget_window_seconds=args.represent_budget_window_seconds,
+    )
+
+
+def describe_policy(policy: RepresentPolicy) -> str:
+    """One line for the banner: what a tenant can get from Represent and the head artifact."""
+    if not policy.represent:
+        served = "off"
+    else:
+        top_k = f" (k ≤ {policy.max_top_k})" if policy.log_probs == "top_k" else ""
+        budget = (
+            f"{policy.token_budget:,} positions per {policy.budget_window_seconds:g} s per tenant"
+            if policy.token_budget
+            else "no budget"
+        )
+        served = f"log-probs {policy.log_probs}{top_k}, {budget}"
+    return f"{served}; head artifact {'offered' if policy.head_artifact else 'off'}"
+
+
 def _tls_mode(tls: ServerTls | None) -> str:
     if tls is None:
         return "off"
@@ -80,6 +106,7 @@ def banner_fields(
         },
         "owner_public_key": service.public_key,
         "tls": _tls_mode(tls),
+        "represent": describe_policy(service.represent_policy),
         "metrics": metrics_url,
         "log_format": args.log_format,
         "config": args.config,
@@ -99,6 +126,7 @@ def render_banner(fields: dict[str, object]) -> str:
         ),
         ("owner key", fields["owner_public_key"]),
         ("TLS", fields["tls"]),
+        *((("represent", fields["represent"]),) if "represent" in fields else ()),
         ("metrics", fields["metrics"] or "off (--metrics-port N)"),
         ("logs", fields["log_format"]),
         ("audit log", fields["audit_log"]),
@@ -128,7 +156,15 @@ def cmd_serve(args: argparse.Namespace) -> None:
     log.info("loading %s ...", args.model)
     loaded = load_model(args.model, cache_dir=store.models_dir)
     limits = TenantLimits(args.max_adapters, args.max_tenant_mib * MiB, args.max_streams)
-    service = OwnerService(loaded, store, specs, owner_examples, release_margin=args.release_margin, limits=limits)
+    service = OwnerService(
+        loaded,
+        store,
+        specs,
+        owner_examples,
+        release_margin=args.release_margin,
+        limits=limits,
+        represent_policy=represent_policy(args),
+    )
     if store.tenant_count() == 0:
         log.warning("no tenants yet; add one with: offsite-owner tenants add NAME --store %s", args.store)
     observers: list[CallObserver] = [RpcLog()]

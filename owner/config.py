@@ -26,6 +26,7 @@ from ..common.contract import (
     MAX_ADAPTERS_PER_TENANT,
     MAX_STREAMS_PER_TENANT,
     MAX_TENANT_BYTES,
+    MAX_TOP_K,
     MiB,
 )
 
@@ -40,6 +41,14 @@ DEFAULT_LISTEN = "127.0.0.1:50051"
 DEFAULT_METRICS_HOST = "127.0.0.1"  # metrics name tenants: loopback unless the owner opens them up
 LOG_FORMATS = ("text", "json")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+# Represent's log-probs policy: what a tenant may ask for, least revealing first (see docs/security.md)
+LOG_PROBS_POLICIES = ("none", "top_k", "full")
+DEFAULT_LOG_PROBS_POLICY = "top_k"
+DEFAULT_REPRESENT_TOP_K = 20  # the most log-probs per position under top_k, as public logit APIs offer
+# Represent positions a tenant may receive per window: a remote PEMA memory of SST-2's 67k training rows is about
+# 2M; distilling the emulator's middle against the full model wants far more (issue 16, finding 10)
+DEFAULT_REPRESENT_TOKEN_BUDGET = 5_000_000
+DEFAULT_REPRESENT_BUDGET_WINDOW_SECONDS = 86_400.0
 REDACTED = "<redacted>"
 TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
 FALSE_WORDS = frozenset({"0", "false", "no", "off"})
@@ -65,6 +74,21 @@ def _check_listen(value: str) -> None:
 def _check_port(value: int) -> None:
     if not 0 <= value <= 65535:
         raise ValueError(f"{value} is not a port (0-65535)")
+
+
+def _check_not_negative(value: int) -> None:
+    if value < 0:
+        raise ValueError(f"{value} is negative (0 turns the budget off)")
+
+
+def _check_positive(value: float) -> None:
+    if not value > 0:
+        raise ValueError(f"{value} is not a positive number of seconds")
+
+
+def _check_top_k(value: int) -> None:
+    if not 1 <= value <= MAX_TOP_K:
+        raise ValueError(f"{value} is outside 1..{MAX_TOP_K}")
 
 
 def _check_emulators(values: list[str]) -> None:
@@ -126,6 +150,37 @@ SERVE_OPTIONS: tuple[Option, ...] = (
     Option("max_adapters", int, MAX_ADAPTERS_PER_TENANT, "adapters per tenant"),
     Option("max_tenant_mib", int, MAX_TENANT_BYTES // MiB, "adapter MiB a tenant may store"),
     Option("max_streams", int, MAX_STREAMS_PER_TENANT, "concurrent streaming calls per tenant"),
+    # The representation policy (finding 10 of issue 16): what Represent and the head artifact give a tenant
+    Option("represent", bool, True, "serve Represent, the full model's final-layer states (--no-represent: off)"),
+    Option("head_artifact", bool, True, "offer the LM head and final norm for pull (--no-head-artifact: off)"),
+    Option(
+        "represent_log_probs",
+        str,
+        DEFAULT_LOG_PROBS_POLICY,
+        "the most Represent log-probs a tenant may ask for: none, top_k or full (the whole distribution)",
+        choices=LOG_PROBS_POLICIES,
+    ),
+    Option(
+        "represent_top_k",
+        int,
+        DEFAULT_REPRESENT_TOP_K,
+        "the most log-probs per position under top_k",
+        check=_check_top_k,
+    ),
+    Option(
+        "represent_token_budget",
+        int,
+        DEFAULT_REPRESENT_TOKEN_BUDGET,
+        "Represent positions a tenant may receive per budget window (0: no budget)",
+        check=_check_not_negative,
+    ),
+    Option(
+        "represent_budget_window_seconds",
+        float,
+        DEFAULT_REPRESENT_BUDGET_WINDOW_SECONDS,
+        "the sliding window of represent_token_budget, in seconds",
+        check=_check_positive,
+    ),
     Option("tls_cert", str, None, "TLS: the server certificate (PEM), e.g. certs/server.pem", path=True),
     # the path only, but `config show` output gets pasted into tickets: it need not point at the key
     Option("tls_key", str, None, "TLS: its private key (PEM)", path=True, secret=True),

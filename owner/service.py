@@ -10,7 +10,8 @@ import logging
 import queue
 import shutil
 import threading
-from collections import OrderedDict
+import time
+from collections import OrderedDict, deque
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +55,13 @@ from ..common.scoring import EvaluationReport, evaluate
 from ..common.signing import public_key_hex
 from .adapters.plugin import plug
 from .adapters.validation import AdapterRejected, Check, validate_adapter
+from .config import (
+    DEFAULT_LOG_PROBS_POLICY,
+    DEFAULT_REPRESENT_BUDGET_WINDOW_SECONDS,
+    DEFAULT_REPRESENT_TOKEN_BUDGET,
+    DEFAULT_REPRESENT_TOP_K,
+    LOG_PROBS_POLICIES,
+)
 from .emulator import EmulatorSpec, build_emulator
 from .emulator.report_card import check_release
 from .generation import generate_stream
@@ -89,6 +97,96 @@ def _represent_response_bytes(
     return size
 
 
+@dataclass(frozen=True)
+class RepresentPolicy:
+    """What Represent and the head artifact give a tenant; the owner sets it with `serve` options.
+
+    The full model's final-layer states and log-probs are what a tenant needs to distil the emulator's compressed
+    middle against the full model, or to recover the head from logits (issue 16, finding 10): each can be turned off,
+    log-probs are top-k only unless the owner allows the whole distribution, and each tenant gets a budget of
+    positions per window.
+    """
+
+    represent: bool = True
+    head_artifact: bool = True
+    log_probs: str = DEFAULT_LOG_PROBS_POLICY  # none, top_k or full: the most a request may ask for
+    max_top_k: int = DEFAULT_REPRESENT_TOP_K
+    token_budget: int = DEFAULT_REPRESENT_TOKEN_BUDGET  # positions returned per window and tenant; 0: no budget
+    budget_window_seconds: float = DEFAULT_REPRESENT_BUDGET_WINDOW_SECONDS
+
+    def __post_init__(self) -> None:
+        if self.log_probs not in LOG_PROBS_POLICIES:
+            raise ValueError(f"log_probs must be one of {', '.join(LOG_PROBS_POLICIES)}, not {self.log_probs!r}")
+        if not 1 <= self.max_top_k <= MAX_TOP_K or self.token_budget < 0 or not self.budget_window_seconds > 0:
+            raise ValueError("max_top_k must be in 1..MAX_TOP_K, the budget not negative, the window positive")
+
+    def check(self, log_probs: str, top_k: int) -> None:
+        """Refuses a request for more log-probs than the policy allows, naming the option that allows it."""
+        asked = log_probs or "none"
+        if LOG_PROBS_POLICIES.index(asked) > LOG_PROBS_POLICIES.index(self.log_probs):
+            raise invalid(
+                f"log_probs {asked!r} is refused by this owner's policy: represent_log_probs is {self.log_probs!r} "
+                f"(serve --represent-log-probs {asked} would allow it)"
+            )
+        if asked == "top_k" and top_k > self.max_top_k:
+            raise invalid(f"top_k {top_k} is over this owner's represent_top_k of {self.max_top_k}")
+
+    def card(self) -> dict[str, Any]:
+        return {
+            "represent": self.represent,
+            "head_artifact": self.head_artifact,
+            "log_probs": self.log_probs,
+            "max_top_k": self.max_top_k,
+            "token_budget": self.token_budget,
+            "budget_window_seconds": self.budget_window_seconds,
+        }
+
+
+class BudgetExceeded(Exception):
+    def __init__(self, message: str, retry_after: float):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class TokenBudget:
+    """Positions each tenant may receive within a sliding window; past it, refused with when to retry."""
+
+    def __init__(self, budget: int, window: float, clock: Any = time.monotonic):
+        self.budget, self.window, self.clock = budget, window, clock
+        self._spent: dict[str, deque[tuple[float, int]]] = {}  # tenant -> (when, positions), oldest first
+        self._lock = threading.Lock()
+
+    def take(self, tenant: str, tokens: int) -> None:
+        if not self.budget:
+            return
+        if tokens > self.budget:
+            raise BudgetExceeded(
+                f"{tokens} positions are more than this owner's represent_token_budget of {self.budget} per "
+                f"{self.window:g} s; send fewer tokens per request",
+                self.window,
+            )
+        now = self.clock()
+        with self._lock:
+            spent = self._spent.setdefault(tenant, deque())
+            while spent and spent[0][0] <= now - self.window:
+                spent.popleft()
+            used = sum(n for _, n in spent)
+            if used + tokens <= self.budget:
+                spent.append((now, tokens))
+                return
+            freed, retry = used + tokens - self.budget, self.window  # the oldest entries expire first
+            for when, n in spent:
+                freed -= n
+                if freed <= 0:
+                    retry = when + self.window - now
+                    break
+        raise BudgetExceeded(
+            f"tenant {tenant} has received {used} of its {self.budget} Represent positions in the last "
+            f"{self.window:g} s (represent_token_budget); retry in {retry:.0f} s",
+            max(retry, 0.0),
+        )
+
+
 class EvaluationStopped(Exception):
     """The call ended (cancelled or past a deadline): the evaluation stops at its next batch."""
 
@@ -96,9 +194,10 @@ class EvaluationStopped(Exception):
 class OwnerError(Exception):
     """An error the client caused or must know about; `code` names the gRPC status."""
 
-    def __init__(self, code: str, message: str):
+    def __init__(self, code: str, message: str, retry_after: float | None = None):
         super().__init__(message)
         self.code = code
+        self.retry_after = retry_after  # seconds, where waiting helps (a budget), sent as trailing metadata
 
 
 def invalid(message: str) -> OwnerError:
@@ -156,8 +255,12 @@ class OwnerService:
         max_adapter_bytes: int = MAX_ADAPTER_BYTES,
         release_margin: float | None = None,
         limits: TenantLimits | None = None,
+        represent_policy: RepresentPolicy | None = None,
     ):
         self.loaded = loaded
+        self.represent_policy = represent_policy or RepresentPolicy()
+        policy = self.represent_policy
+        self.represent_budget = TokenBudget(policy.token_budget, policy.budget_window_seconds)
         self.release_margin = release_margin
         self.limits = limits or TenantLimits()
         self.store = store
@@ -222,7 +325,12 @@ class OwnerService:
         return Artifact(directory, manifest)
 
     def artifacts(self) -> dict[str, Artifact]:
+        """What an adapter may be trained on: the emulators and the head (PEMA), offered or not."""
         return {**self.emulators, HEAD_ARTIFACT: self.head}
+
+    def pullable(self) -> dict[str, Artifact]:
+        """What PullArtifact serves: the head only where the policy offers it."""
+        return self.artifacts() if self.represent_policy.head_artifact else dict(self.emulators)
 
     # GetModelCard
 
@@ -254,15 +362,24 @@ class OwnerService:
                 }
                 for e in self.emulators.values()
             ],
-            "head": {"id": HEAD_ARTIFACT, "bytes": self.head.bytes, "files": self.head.files},
+            "head": (
+                {"id": HEAD_ARTIFACT, "bytes": self.head.bytes, "files": self.head.files}
+                if self.represent_policy.head_artifact
+                else None
+            ),
+            "represent_policy": self.represent_policy.card(),
         }
 
     # PullArtifact
 
     def artifact_chunks(self, artifact: str, name: str, offset: int) -> Iterator[tuple[int, bytes, int, str]]:
         """(offset, data, file size, file sha256) for one file of an artifact, from `offset` on."""
-        offered = self.artifacts()
+        offered = self.pullable()
         emulator = offered.get(artifact)
+        if emulator is None and artifact == HEAD_ARTIFACT:
+            raise OwnerError(
+                "PERMISSION_DENIED", "this owner does not offer the head artifact (serve --no-head-artifact)"
+            )
         if emulator is None:
             raise OwnerError("NOT_FOUND", f"no artifact {artifact!r}; offered: {', '.join(sorted(offered))}")
         if name not in emulator.files:
@@ -541,6 +658,9 @@ class OwnerService:
         self, tenant: str, ids: list[int], dtype: str, log_probs: str, top_k: int, last_only: bool
     ) -> Represented:
         """Hidden states (and log-probs) of one token sequence; the servicer encodes them for the wire."""
+        policy = self.represent_policy
+        if not policy.represent:
+            raise OwnerError("PERMISSION_DENIED", "this owner does not serve Represent (serve --no-represent)")
         if not ids:
             raise invalid("token_ids is empty")
         if len(ids) > MAX_REPRESENT_TOKENS:
@@ -554,6 +674,7 @@ class OwnerService:
             raise invalid("log_probs must be '', 'full' or 'top_k'")
         if log_probs == "top_k" and not 1 <= top_k <= min(MAX_TOP_K, vocab):
             raise invalid(f"top_k must be in 1..{min(MAX_TOP_K, vocab)}")
+        policy.check(log_probs, top_k)
         positions = 1 if last_only else len(ids)
         size = _represent_response_bytes(
             positions, int(self.loaded.model.config.hidden_size), vocab, dtype or "float32", log_probs, top_k
@@ -564,9 +685,13 @@ class OwnerService:
                 "tokens, or ask for last_only or top_k log-probs"
             )
         try:
-            self.represent_rate.take(tenant, len(ids))
+            self.represent_rate.take(tenant, len(ids))  # compute: every token is run
         except LimitExceeded as error:
             raise OwnerError("RESOURCE_EXHAUSTED", str(error)) from None
+        try:
+            self.represent_budget.take(tenant, positions)  # what is revealed: the positions returned
+        except BudgetExceeded as error:
+            raise OwnerError("RESOURCE_EXHAUSTED", str(error), retry_after=error.retry_after) from None
         wanted = NO_LOG_PROBS if not log_probs else LAST_LOG_PROBS if last_only else ALL_LOG_PROBS
         result = self.representations.represent(ids, wanted)
         return Represented(result.hidden[-1:], result.log_probs) if last_only else result

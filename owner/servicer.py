@@ -26,6 +26,7 @@ from .service import OwnerError, OwnerService, Progress
 from .store import Store
 
 log = logging.getLogger(__name__)
+RETRY_AFTER_METADATA_KEY = "retry-after-seconds"  # trailing metadata of a RESOURCE_EXHAUSTED that waiting will lift
 Handler = TypeVar("Handler", bound=Callable[..., Any])
 
 
@@ -49,13 +50,19 @@ def rpc(method: Handler) -> Handler:
     return wrapper  # type: ignore[return-value]
 
 
+def _abort(context: grpc.ServicerContext, error: OwnerError) -> None:
+    if error.retry_after is not None:  # machine-readable, beside the message's "retry in N s"
+        context.set_trailing_metadata(((RETRY_AFTER_METADATA_KEY, f"{math.ceil(error.retry_after)}"),))
+    context.abort(getattr(grpc.StatusCode, error.code), str(error))
+
+
 def _send(responses: Iterator[Any], watch: StreamWatch, context: grpc.ServicerContext) -> Iterator[Any]:
     try:
         for response in responses:
             with watch.waiting():  # until gRPC asks for the next one: a slow reader is an idle client
                 yield response
     except OwnerError as error:
-        context.abort(getattr(grpc.StatusCode, error.code), str(error))
+        _abort(context, error)
     finally:
         # The responses' own cleanup (an evaluation joins its worker) runs before the slot is freed.
         close = getattr(responses, "close", None)
@@ -182,7 +189,13 @@ class OwnerServicer(pb_grpc.ModelOwnerServicer):
             pb.EmulatorOffer(report_card=pb.ReportCard(**offer.pop("report_card")), **offer)
             for offer in card.pop("emulators")
         ]
-        return pb.ModelCard(emulators=offers, head=pb.ArtifactOffer(**card.pop("head")), **card)
+        head = card.pop("head")  # None when the owner does not offer it: the field stays unset
+        return pb.ModelCard(
+            emulators=offers,
+            head=pb.ArtifactOffer(**head) if head else None,
+            represent_policy=pb.RepresentPolicy(**card.pop("represent_policy")),
+            **card,
+        )
 
     @rpc
     def PullArtifact(

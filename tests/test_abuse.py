@@ -36,7 +36,7 @@ from offsite.owner.cli import main as owner_main
 from offsite.owner.emulator import EmulatorSpec
 from offsite.owner.limits import ServerLimits, TenantLimits
 from offsite.owner.server import start_server
-from offsite.owner.service import OwnerService
+from offsite.owner.service import OwnerService, RepresentPolicy
 from offsite.owner.store import Store
 
 EMULATOR = f"uniform-{TINY_LAYOUT}"
@@ -246,6 +246,7 @@ def test_generate_refuses_a_prompt_longer_than_the_context(owner: InProcessOwner
 
 
 def test_represent_computes_logits_only_where_log_probs_are_asked(owner: InProcessOwner) -> None:
+    owner.service.represent_policy = RepresentPolicy(log_probs="full")  # the owner allows what this test counts
     rows: list[int] = []
     head = owner.service.loaded.model.get_output_embeddings()
     handle = head.register_forward_hook(lambda _m, inputs, _o: rows.append(inputs[0].shape[:-1].numel()))
@@ -269,6 +270,7 @@ def test_represent_refuses_a_response_over_the_message_limit_before_the_work(
     owner: InProcessOwner, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(owner_service, "MAX_MESSAGE_BYTES", 200_000)
+    owner.service.represent_policy = RepresentPolicy(log_probs="full")
     batches = owner.service.representations.batches_run
     with owner.remote() as remote, pytest.raises(RemoteError) as refused:
         list(remote.represent(iter([pb.RepresentRequest(token_ids=[4] * 200, log_probs="full")])))

@@ -35,12 +35,21 @@ from offsite.common.pema.representation import (
 from offsite.common.rpc import pb
 from offsite.common.wire_tensors import decode_tensor
 from offsite.owner.representations import RepresentationBatcher
+from offsite.owner.service import RepresentPolicy
 
 EXAMPLES = [
     Example(prompt=f"Translate: {word}\nGerman:", completion=f" {german}")
     for word, german in [("house", "Haus"), ("dog", "Hund"), ("cat", "Katze"), ("tree", "Baum")] * 6
 ]
 SMALL = PemaConfig(rank=16, dropout=0.0, batch_size=32, max_epochs=3, patience=1)
+
+
+@pytest.fixture
+def owner(owner: InProcessOwner) -> InProcessOwner:
+    """These tests compare full log-probs and generate with P_LM: this owner's policy allows them (the default is
+    top-k only, see tests/test_represent_policy.py)."""
+    owner.service.represent_policy = RepresentPolicy(log_probs="full")
+    return owner
 
 
 def _represent(owner: InProcessOwner, request: pb.RepresentRequest) -> pb.RepresentResponse:

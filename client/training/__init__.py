@@ -17,7 +17,12 @@ from ...common.manifest import verify_bundle, write_manifest
 from ...common.model_loading import ensure_pad_token
 from . import full, lora
 from .config import TRAIN_BLOCKS, TrainConfig
-from .loop import fit
+from .loop import LoopStats, fit
+
+# Manifest fields from which the training-example count can be read (steps × batch size ÷ epochs; --limit). Under DP
+# the noise multiplier with ε, δ, epochs and batch size gives the sampling rate, so those two are withheld too.
+COUNT_FIELDS = ("examples", "steps", "limit")
+DP_COUNT_FIELDS = ("epochs", "batch_size", "sample_rate", "steps")
 
 
 @dataclass
@@ -31,6 +36,7 @@ class TrainResult:
     first_loss: float
     last_loss: float
     seconds: float
+    privacy: dict[str, Any] | None = None  # the DP run's spent ε, δ and noise multiplier; None without DP
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -47,6 +53,17 @@ def chosen_blocks(manifest: dict[str, Any], which: str) -> dict[int, int]:
     if not chosen:
         raise ValueError(f"this emulator has no {which} adapter blocks")
     return chosen
+
+
+def manifest_extra(config: TrainConfig, examples: int, stats: LoopStats) -> dict[str, Any]:
+    """The manifest's training record: it goes to the owner with the push, so no example count unless asked."""
+    training: dict[str, Any] = {**asdict(config), "lr": config.lr, "examples": examples, "steps": stats.steps}
+    privacy = dict(stats.privacy) if stats.privacy is not None else None
+    if not config.record_examples:
+        withheld = COUNT_FIELDS + (DP_COUNT_FIELDS if privacy is not None else ())
+        training = {k: v for k, v in training.items() if k not in withheld}
+        privacy = {k: v for k, v in privacy.items() if k not in withheld} if privacy is not None else None
+    return {"training": training} if privacy is None else {"training": training, "privacy": privacy}
 
 
 def train_adapter(
@@ -83,7 +100,7 @@ def train_adapter(
     else:
         assert config.method == FULL
         parameters = full.export(model, spec, mapping, partial)
-    extra = {"training": {**asdict(config), "lr": config.lr, "examples": len(examples), "steps": stats.steps}}
+    extra = manifest_extra(config, len(examples), stats)
     write_manifest(partial, adapter_manifest_body(config.method, manifest, extra))
     output_dir.commit(partial, out, output_dir.ADAPTER)
     return TrainResult(
@@ -96,4 +113,5 @@ def train_adapter(
         stats.first_loss,
         stats.last_loss,
         stats.seconds,
+        stats.privacy,
     )

@@ -14,6 +14,8 @@ from ...common.adapter_format import LORA
 
 DEFAULT_LEARNING_RATE = {"lora": 1e-3, "full": 3e-5}
 TRAIN_BLOCKS = ("all", "top", "bottom")
+DEFAULT_DP_DELTA = 1e-5  # fixed rather than 1/N: a δ derived from the data set would reveal its size
+DEFAULT_DP_MAX_GRAD_NORM = 1.0  # C: each example's gradient is clipped to this L2 norm
 
 
 @dataclass
@@ -30,6 +32,15 @@ class TrainConfig:
     warmup_fraction: float = 0.06
     seed: int = 0
     train_blocks: str = "all"  # all, top or bottom: which of the emulator's adapter blocks learn
+    # Differential privacy (DP-SGD with Opacus): on when dp_epsilon is set; LoRA only
+    dp_epsilon: float | None = None
+    dp_delta: float = DEFAULT_DP_DELTA
+    dp_max_grad_norm: float = DEFAULT_DP_MAX_GRAD_NORM
+    record_examples: bool = False  # write the example count (and what reveals it) into the adapter's manifest
+
+    @property
+    def private(self) -> bool:
+        return self.dp_epsilon is not None
 
     @property
     def lr(self) -> float:

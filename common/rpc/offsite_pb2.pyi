@@ -41,7 +41,7 @@ class ReportCard(_message.Message):
     def __init__(self, perplexity: _Optional[float] = ..., full_perplexity: _Optional[float] = ..., perplexity_ratio: _Optional[float] = ..., windows: _Optional[int] = ...) -> None: ...
 
 class ModelCard(_message.Message):
-    __slots__ = ("model_name", "architecture", "depth", "hidden_size", "vocab_size", "tokenizer_sha256", "base_fingerprint", "emulators", "owner_public_key", "max_adapter_bytes", "chunk_bytes", "head")
+    __slots__ = ("model_name", "architecture", "depth", "hidden_size", "vocab_size", "tokenizer_sha256", "base_fingerprint", "emulators", "owner_public_key", "max_adapter_bytes", "chunk_bytes", "head", "represent_policy")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     DEPTH_FIELD_NUMBER: _ClassVar[int]
@@ -54,6 +54,7 @@ class ModelCard(_message.Message):
     MAX_ADAPTER_BYTES_FIELD_NUMBER: _ClassVar[int]
     CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
     HEAD_FIELD_NUMBER: _ClassVar[int]
+    REPRESENT_POLICY_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     architecture: str
     depth: int
@@ -66,7 +67,24 @@ class ModelCard(_message.Message):
     max_adapter_bytes: int
     chunk_bytes: int
     head: ArtifactOffer
-    def __init__(self, model_name: _Optional[str] = ..., architecture: _Optional[str] = ..., depth: _Optional[int] = ..., hidden_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., tokenizer_sha256: _Optional[str] = ..., base_fingerprint: _Optional[str] = ..., emulators: _Optional[_Iterable[_Union[EmulatorOffer, _Mapping]]] = ..., owner_public_key: _Optional[str] = ..., max_adapter_bytes: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., head: _Optional[_Union[ArtifactOffer, _Mapping]] = ...) -> None: ...
+    represent_policy: RepresentPolicy
+    def __init__(self, model_name: _Optional[str] = ..., architecture: _Optional[str] = ..., depth: _Optional[int] = ..., hidden_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., tokenizer_sha256: _Optional[str] = ..., base_fingerprint: _Optional[str] = ..., emulators: _Optional[_Iterable[_Union[EmulatorOffer, _Mapping]]] = ..., owner_public_key: _Optional[str] = ..., max_adapter_bytes: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., head: _Optional[_Union[ArtifactOffer, _Mapping]] = ..., represent_policy: _Optional[_Union[RepresentPolicy, _Mapping]] = ...) -> None: ...
+
+class RepresentPolicy(_message.Message):
+    __slots__ = ("represent", "head_artifact", "log_probs", "max_top_k", "token_budget", "budget_window_seconds")
+    REPRESENT_FIELD_NUMBER: _ClassVar[int]
+    HEAD_ARTIFACT_FIELD_NUMBER: _ClassVar[int]
+    LOG_PROBS_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOP_K_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_BUDGET_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_WINDOW_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    represent: bool
+    head_artifact: bool
+    log_probs: str
+    max_top_k: int
+    token_budget: int
+    budget_window_seconds: float
+    def __init__(self, represent: _Optional[bool] = ..., head_artifact: _Optional[bool] = ..., log_probs: _Optional[str] = ..., max_top_k: _Optional[int] = ..., token_budget: _Optional[int] = ..., budget_window_seconds: _Optional[float] = ...) -> None: ...
 
 class ArtifactOffer(_message.Message):
     __slots__ = ("id", "bytes", "files")
