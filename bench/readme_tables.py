@@ -96,6 +96,22 @@ def transfer_emulators() -> str:
     return "\n".join(lines)
 
 
+def transfer_layouts_table() -> str:
+    report = _load("transfer_layouts.json")
+    lines = [
+        "| emulator | novel perplexity (full model) | task | zero-shot | emulator + adapter | plug-in "
+        "| plug-in − zero-shot |",
+        "|---|---:|---|---:|---:|---:|---:|",
+    ]
+    for r in report["rows"]:
+        ppl = f"{r['novel_perplexity']:.1f} ({r['full_novel_perplexity']:.1f})" if r["novel_perplexity"] else "—"
+        lines.append(
+            f"| {r['emulator']} | {ppl} | {r['task']} | {r['zero_shot'] * 100:.1f} | {r['emulator_adapter'] * 100:.1f} "
+            f"| {r['plug_in'] * 100:.1f} | {(r['plug_in'] - r['zero_shot']) * 100:+.1f} |"
+        )
+    return "\n".join(lines)
+
+
 def demo_table() -> str:
     result = _load("demo.json")
     lines = ["| row | accuracy | loss |", "|---|---:|---:|"]
@@ -130,6 +146,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "transfer": transfer_table,
     "transfer-targets": transfer_targets,
     "transfer-emulators": transfer_emulators,
+    "transfer-layouts": transfer_layouts_table,
     "demo": demo_table,
     "pema": pema_table,
 }

@@ -25,6 +25,7 @@ import copy
 import hashlib
 import json
 import platform
+import re
 import sys
 import tempfile
 import time
@@ -133,6 +134,11 @@ class Cells:
     def all(self) -> Iterator[dict[str, Any]]:
         for path in sorted(self.directory.glob("*.json")):
             yield json.loads(path.read_text())
+
+
+def split_specs(text: str) -> list[str]:
+    """A comma-separated list of emulator specs, whose own options also use commas: a new spec starts at `METHOD:`."""
+    return [spec for spec in re.split(r",(?=[a-z]+:)", text) if spec]
 
 
 def say(text: str) -> None:
@@ -384,15 +390,33 @@ def _matrix(cells: list[dict[str, Any]], metric: str) -> np.ndarray:
     )
 
 
+# What a row's cells must share to be pooled as seeds of one measurement.
+VARIANT_FACTS = ("model", "rows_digest", "test_rows", "format", "emulator_id", "emulator_params")
+
+
 def collect(cells: Cells, recipe: Recipe, model: str | None) -> dict[tuple[str, str | None, str], list[dict[str, Any]]]:
-    """Cells of the current recipe, grouped by (task, emulator, row); the held-out selection rows are left out."""
+    """Cells of the current recipe and splits, grouped by (task, emulator, row); held-out selection rows left out.
+
+    A group whose cells disagree on anything but the seed (another build of the emulator, another prompt format,
+    another test cap) is refused rather than pooled: stale cells must be deleted, never averaged in.
+    """
+    digests: dict[str, str] = {}
     groups: dict[tuple[str, str | None, str], list[dict[str, Any]]] = {}
     for cell in cells.all():
         if cell["row"] not in ROWS or (model and cell["model"] != model):
             continue
         if "recipe" in cell and cell["recipe"] != asdict(recipe):
             continue
+        if cell["task"] in TASKS and cell["task"] not in digests:
+            digests[cell["task"]] = TASKS[cell["task"]]().digest()
+        if digests.get(cell["task"], cell["rows_digest"]) != cell["rows_digest"]:
+            continue  # measured on an earlier split of the task
         groups.setdefault((cell["task"], cell.get("emulator"), cell["row"]), []).append(cell)
+    for key, found in groups.items():
+        variants = {json.dumps([c.get(f) for f in VARIANT_FACTS], sort_keys=True) for c in found}
+        seeds = [c.get("seed", 0) for c in found]
+        if len(variants) > 1 or len(set(seeds)) != len(seeds):
+            raise ValueError(f"cells of {key} disagree on {VARIANT_FACTS} or repeat a seed; delete the stale ones")
     return groups
 
 
@@ -450,8 +474,9 @@ def build_report(cells: Cells, recipe: Recipe, default_emulator: str, model: str
                 x, y = m(task, emulator, a), m(task, emulator, b)
                 if x is None or y is None or (a == "ceiling" and emulator != default_emulator):
                     continue
+                same = b == "emulator_adapter"  # seed k of both rows is one adapter
                 comparisons.append(
-                    {"task": task, "emulator": emulator, "a": a, "b": b, **stats.compare(x, y).as_dict()}
+                    {"task": task, "emulator": emulator, "a": a, "b": b, **stats.compare(x, y, same).as_dict()}
                 )
 
     complete = [t for t in tasks if all(m(t, default_emulator, r) is not None for r in ROWS)]
@@ -463,7 +488,8 @@ def build_report(cells: Cells, recipe: Recipe, default_emulator: str, model: str
             [(m(t, default_emulator, "plug_in"), m(t, default_emulator, "zero_shot")) for t in complete]
         ).as_dict()
         suite["plug_in_minus_emulator_adapter"] = stats.suite_difference(
-            [(m(t, default_emulator, "plug_in"), m(t, default_emulator, "emulator_adapter")) for t in complete]
+            [(m(t, default_emulator, "plug_in"), m(t, default_emulator, "emulator_adapter")) for t in complete],
+            same_seeds=True,
         ).as_dict()
         suite["ceiling_minus_zero_shot"] = stats.suite_difference(
             [(m(t, default_emulator, "ceiling"), m(t, default_emulator, "zero_shot")) for t in complete]
@@ -495,7 +521,7 @@ def build_report(cells: Cells, recipe: Recipe, default_emulator: str, model: str
                     [(m(t, emulator, "plug_in"), m(t, emulator, "zero_shot")) for t in covered]
                 ).as_dict(),
                 "plug_in_minus_emulator_adapter": stats.suite_difference(
-                    [(m(t, emulator, "plug_in"), m(t, emulator, "emulator_adapter")) for t in covered]
+                    [(m(t, emulator, "plug_in"), m(t, emulator, "emulator_adapter")) for t in covered], same_seeds=True
                 ).as_dict(),
                 **owner_side(groups, emulator),
             }
@@ -817,7 +843,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             Path(args.recipe).write_text(json.dumps(chosen, indent=2) + "\n")
             bench.recipe = recipe = Recipe(**chosen["recipe"])
             say(f"recipe chosen on held-out rows: {chosen['recipe']}")
-        emulators = [e for e in args.emulators.split(",") if e]
+        emulators = split_specs(args.emulators)
         seeds = [int(s) for s in args.seeds.split(",") if s]
         ceiling_seeds = [int(s) for s in args.ceiling_seeds.split(",") if s]
         for name in tasks:

@@ -70,12 +70,19 @@ def _from_one_split(name: str, items: list[Item], source: str, multi_token: bool
     return TaskData(name, train, heldout, test, split, multi_token)
 
 
+def _normalised(query: str) -> str:
+    return " ".join(query.lower().split())
+
+
 def _from_two_splits(name: str, train: list[Item], test: list[Item], source: str, multi_token: bool) -> TaskData:
-    rows = _shuffled(train)
+    # Official splits can repeat a test question in train (TREC: 11 of its 500): such rows are never trained on.
+    in_test = {_normalised(item.query) for item in test}
+    rows = [item for item in _shuffled(train) if _normalised(item.query) not in in_test]
+    dropped = len(train) - len(rows)
     heldout, train = rows[-HELDOUT_ROWS:], rows[:-HELDOUT_ROWS]
     split = (
-        f"{source}: train shuffled with seed {SPLIT_SEED}, its last {len(heldout)} rows held out "
-        f"({len(train)} left to train on); test = the official {len(test)} rows"
+        f"{source}: train shuffled with seed {SPLIT_SEED}, less {dropped} rows whose text is also a test row, "
+        f"its last {len(heldout)} rows held out ({len(train)} left to train on); test = the official {len(test)} rows"
     )
     return TaskData(name, train, heldout, test, split, multi_token)
 

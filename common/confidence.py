@@ -61,15 +61,28 @@ class Comparison:
         return {**{f"difference_{k}": v for k, v in self.difference.as_dict().items()}, "p_value": self.p_value}
 
 
-def compare(a: np.ndarray, b: np.ndarray) -> Comparison:
-    """Paired comparison of two rows on the same examples; each row's seeds are resampled on their own."""
+def _seed_draws(a: np.ndarray, b: np.ndarray, same_seeds: bool, rng: np.random.Generator) -> tuple[np.ndarray, ...]:
+    """Seed resamples of two rows: shared when row k of both is the same trained adapter (`same_seeds`)."""
+    seeds_a = rng.integers(0, a.shape[0], size=(BOOTSTRAP_SAMPLES, a.shape[0]))
+    if same_seeds:
+        if a.shape[0] != b.shape[0]:
+            raise ValueError(f"rows paired by seed have {a.shape[0]} and {b.shape[0]} seeds")
+        return seeds_a, seeds_a
+    return seeds_a, rng.integers(0, b.shape[0], size=(BOOTSTRAP_SAMPLES, b.shape[0]))
+
+
+def compare(a: np.ndarray, b: np.ndarray, same_seeds: bool = False) -> Comparison:
+    """Paired comparison of two rows on the same examples.
+
+    Each row's seeds are resampled on their own, unless `same_seeds` says row k of both comes from one training
+    (emulator + adapter and plug-in of the same adapter), when they are resampled together.
+    """
     a, b = np.atleast_2d(np.asarray(a, dtype=float)), np.atleast_2d(np.asarray(b, dtype=float))
     if a.shape[1] != b.shape[1]:
         raise ValueError(f"rows scored on different examples: {a.shape[1]} against {b.shape[1]}")
     rng = np.random.default_rng(BOOTSTRAP_SEED)
     example_draws = rng.integers(0, a.shape[1], size=(BOOTSTRAP_SAMPLES, a.shape[1]))
-    seeds_a = rng.integers(0, a.shape[0], size=(BOOTSTRAP_SAMPLES, a.shape[0]))
-    seeds_b = rng.integers(0, b.shape[0], size=(BOOTSTRAP_SAMPLES, b.shape[0]))
+    seeds_a, seeds_b = _seed_draws(a, b, same_seeds, rng)
     samples = _resampled_means(a, seeds_a, example_draws) - _resampled_means(b, seeds_b, example_draws)
     observed = float(a.mean() - b.mean())
     crossing = min((samples <= 0).mean(), (samples >= 0).mean())
@@ -89,15 +102,14 @@ def suite_estimate(matrices: list[np.ndarray], weights: list[float] | None = Non
     return Estimate(total / norm, *_interval(samples / norm))
 
 
-def suite_difference(pairs: list[tuple[np.ndarray, np.ndarray]]) -> Estimate:
-    """Mean over tasks of (a − b), each task's pair resampled on shared examples."""
+def suite_difference(pairs: list[tuple[np.ndarray, np.ndarray]], same_seeds: bool = False) -> Estimate:
+    """Mean over tasks of (a − b), each task's pair resampled on shared examples (and seeds, as in `compare`)."""
     rng = np.random.default_rng(BOOTSTRAP_SEED)
     total, samples = 0.0, np.zeros(BOOTSTRAP_SAMPLES)
     for a, b in pairs:
         a, b = np.atleast_2d(np.asarray(a, dtype=float)), np.atleast_2d(np.asarray(b, dtype=float))
         example_draws = rng.integers(0, a.shape[1], size=(BOOTSTRAP_SAMPLES, a.shape[1]))
-        seeds_a = rng.integers(0, a.shape[0], size=(BOOTSTRAP_SAMPLES, a.shape[0]))
-        seeds_b = rng.integers(0, b.shape[0], size=(BOOTSTRAP_SAMPLES, b.shape[0]))
+        seeds_a, seeds_b = _seed_draws(a, b, same_seeds, rng)
         total += a.mean() - b.mean()
         samples += _resampled_means(a, seeds_a, example_draws) - _resampled_means(b, seeds_b, example_draws)
     n = len(pairs)

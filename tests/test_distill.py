@@ -144,6 +144,7 @@ def test_the_budget_is_tokens_or_steps() -> None:
     assert config_for({}).steps * config_for({}).tokens_per_step >= DEFAULT_TOKENS
     assert config_for({"tokens": 1000}).steps == 2  # 512 tokens a step, rounded up
     assert config_for({"steps": 7, "kd": 0.5}).steps == 7 and config_for({"kd": 0.5}).kd_weight == 0.5
+    assert config_for({"exit": 30.0}).exit_weight == 30.0 and config_for({}).exit_weight == 0.0
     with pytest.raises(LayoutError, match="not both"):
         config_for({"steps": 7, "tokens": 1000})
 
@@ -154,6 +155,22 @@ def test_logit_kd_trains_too(tiny_model_dir, public_text: Path, tmp_path: Path) 
     config = DistillConfig(steps=4, batch_size=4, seq_len=16, lr=3e-3, warmup_steps=1, eval_every=4, kd_weight=1.0)
     report = distill_middle(loaded.model, emulator, block_map, ADAPTERS, text, config, tmp_path, show_progress=False)
     assert report.steps == 4 and report.last_nmse == report.last_nmse  # finite, not nan
+
+
+def test_exit_weight_pulls_the_gap_exit_towards_the_teacher(tiny_model_dir, public_text: Path, tmp_path: Path) -> None:
+    loaded, block_map, text = _setup(tiny_model_dir, public_text)
+    heldout_nmse = {}
+    for exit_weight in (0.0, 30.0):
+        emulator = materialize(loaded.model, block_map)
+        config = DistillConfig(
+            steps=8, batch_size=4, seq_len=16, lr=3e-3, warmup_steps=1, eval_every=8, nmse_weight=0.0,
+            exit_weight=exit_weight,
+        )  # fmt: skip
+        report = distill_middle(
+            loaded.model, emulator, block_map, ADAPTERS, text, config, tmp_path / str(exit_weight), show_progress=False
+        )
+        heldout_nmse[exit_weight] = report.best_heldout_nmse
+    assert heldout_nmse[30.0] < heldout_nmse[0.0]
 
 
 def test_an_interrupted_distillation_resumes_where_it_stopped(

@@ -42,7 +42,7 @@ def trained(owner: InProcessOwner, tmp_path: Path) -> Path:
     train_adapter(
         tmp_path / "emulator",
         sentiment_examples(16),
-        TrainConfig(epochs=1, learning_rate=1e-2),
+        TrainConfig(epochs=1, learning_rate=1e-2, train_blocks="all"),  # a bottom block too: see outside_blocks
         out,
         show_progress=False,
     )

@@ -117,7 +117,9 @@ def test_placement_is_recorded_trained_validated_and_plugged(tiny_model_dir, tmp
 
     examples = [Example(prompt=f"review {i}:", completion=" good" if i % 2 else " bad") for i in range(16)]
     adapter = tmp_path / "adapter"
-    train_adapter(out, examples, TrainConfig(epochs=1.0, batch_size=4), adapter, show_progress=False)
+    train_adapter(
+        out, examples, TrainConfig(epochs=1.0, batch_size=4, train_blocks="all"), adapter, show_progress=False
+    )
     validated = validate_adapter(adapter, loaded.model, manifest, fingerprint(loaded.model))
     [lora_check] = [check for check in validated.checks if check.name == "lora_config"]
     assert lora_check.detail.endswith(f"blocks {adapters}")

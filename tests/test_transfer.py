@@ -136,3 +136,29 @@ def test_training_defaults_are_the_recipe_the_benchmark_chose() -> None:
     chosen = transfer.load_recipe()
     assert transfer.RECIPE_FILE.is_file(), "run: python bench/transfer.py --select"
     assert chosen == transfer.Recipe(), "set TrainConfig's defaults to bench/transfer_recipe.json's recipe"
+
+
+def test_rows_of_the_same_adapters_are_resampled_together_by_seed() -> None:
+    rng = np.random.default_rng(1)
+    # three seeds that differ a lot; b is a with 40 of 400 examples turned wrong, seed by seed
+    a = np.stack([(rng.random(400) < p).astype(float) for p in (0.5, 0.7, 0.9)])
+    b = a.copy()
+    b[:, np.flatnonzero(a.min(axis=0) == 1)[:40]] = 0
+    paired = confidence.compare(a, b, same_seeds=True).difference
+    independent = confidence.compare(a, b).difference
+    assert paired.ci_high - paired.ci_low < 0.5 * (independent.ci_high - independent.ci_low)
+    assert paired.ci_low > 0
+
+
+def test_the_report_refuses_to_pool_cells_that_disagree(tmp_path: Path) -> None:
+    cells = transfer.Cells(tmp_path)
+    facts = {"task": "custom", "row": "zero_shot", "model": "m", "rows_digest": "d", "test_rows": 2, "format": "plain"}
+    cells.put(facts, {"acc_bits": "10", "acc_norm_bits": "10", "acc": 0.5, "acc_norm": 0.5})
+    cells.put({**facts, "format": "chat"}, {"acc_bits": "11", "acc_norm_bits": "11", "acc": 1.0, "acc_norm": 1.0})
+    with pytest.raises(ValueError, match="disagree"):
+        transfer.collect(cells, transfer.Recipe(), None)
+
+
+def test_emulator_lists_keep_each_specs_own_options() -> None:
+    specs = transfer.split_specs("uniform:2-8-2,distill:2-8-2,exit=30,tokens=98304,crash:2-8-2,share=true")
+    assert specs == ["uniform:2-8-2", "distill:2-8-2,exit=30,tokens=98304", "crash:2-8-2,share=true"]

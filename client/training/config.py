@@ -31,7 +31,7 @@ class TrainConfig:
     lora_dropout: float = 0.05
     warmup_fraction: float = 0.06
     seed: int = 0
-    train_blocks: str = "all"  # all, top or bottom: which of the emulator's adapter blocks learn
+    train_blocks: str = "top"  # all, top or bottom: which of the emulator's adapter blocks learn (the recipe: top)
     # Differential privacy (DP-SGD with Opacus): on when dp_epsilon is set; LoRA only
     dp_epsilon: float | None = None
     dp_delta: float = DEFAULT_DP_DELTA

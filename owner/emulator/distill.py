@@ -3,7 +3,8 @@
 The teacher is the full model; the student is the emulator. Both read the same public text: by default the shipped
 excerpts of ten Project Gutenberg novels, general prose disjoint from every evaluation task. The loss is
 
-    LM + nmse_weight · mean NMSE over the kept boundaries + kd_weight · KL(teacher ‖ student next-token distribution)
+    LM + nmse_weight · mean NMSE over the kept boundaries + exit_weight · mean NMSE at the gap exits
+       + kd_weight · KL(teacher ‖ student next-token distribution)
 
 where a kept boundary is the state entering each block that follows a kept middle block: the student's state there
 should be the teacher's state entering the same full-model block (for the last kept block of a gap, the state that
@@ -56,6 +57,7 @@ class DistillConfig:
     warmup_steps: int = 10
     nmse_weight: float = 30.0
     kd_weight: float = 0.0
+    exit_weight: float = 0.0  # extra NMSE weight on the gap exits: the states the top adapter blocks read
     eval_every: int = 48
     heldout_fraction: float = 0.05  # of a `data=` file; the shipped corpus holds out a whole novel instead
     max_heldout_chunks: int = 32  # keeps each checkpoint evaluation to seconds on CPU
@@ -250,6 +252,7 @@ def distill_middle(
     torch.manual_seed(config.seed)
     total = depth(full.config)
     boundaries = kept_boundaries(block_map, adapters, total)
+    exits = gap_exits(block_map, adapters, total)
     full.eval()
     for parameter in emulator.parameters():
         parameter.requires_grad_(False)
@@ -286,6 +289,9 @@ def distill_middle(
             out = emulator(input_ids=batch, labels=batch, output_hidden_states=True)
             distance = torch.stack([nmse(teacher.hidden_states[t], out.hidden_states[s]) for t, s in boundaries]).mean()
             loss = out.loss + config.nmse_weight * distance
+            if config.exit_weight:
+                at_exits = torch.stack([nmse(teacher.hidden_states[t], out.hidden_states[s]) for t, s in exits]).mean()
+                loss = loss + config.exit_weight * at_exits
             if config.kd_weight:
                 loss = loss + config.kd_weight * logit_kd(teacher.logits, out.logits)
             for group in optimizer.param_groups:
@@ -341,6 +347,7 @@ OPTIONS: Mapping[str, Callable[[str], Any]] = {
     "tokens": positive_int,
     "steps": positive_int,
     "kd": non_negative_float,
+    "exit": non_negative_float,
     "data": Path,
     "place": parse_placement,
 }
@@ -350,7 +357,10 @@ def config_for(options: Mapping[str, Any]) -> DistillConfig:
     """The run the builder options ask for: `tokens=` or `steps=` (not both), `kd=`; DEFAULT_TOKENS otherwise."""
     if "tokens" in options and "steps" in options:
         raise LayoutError("give the distillation budget as tokens= or as steps=, not both")
-    config = DistillConfig(kd_weight=options.get("kd", DistillConfig.kd_weight))
+    config = DistillConfig(
+        kd_weight=options.get("kd", DistillConfig.kd_weight),
+        exit_weight=options.get("exit", DistillConfig.exit_weight),
+    )
     if "steps" in options:
         return DistillConfig(**{**asdict(config), "steps": options["steps"]})
     return config.with_tokens(options.get("tokens", DEFAULT_TOKENS))
@@ -383,6 +393,7 @@ def build(request: BuildRequest) -> Built:
         "lr": config.lr,
         "nmse_weight": config.nmse_weight,
         "kd_weight": config.kd_weight,
+        "exit_weight": config.exit_weight,
         "boundaries": len(kept_boundaries(start.block_map, start.adapters or [], depth(request.full.config))),
         "public_text": "gutenberg" if data is None else "data",
         "public_text_sha256": text.sha256,
