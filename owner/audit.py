@@ -84,16 +84,16 @@ class CallObserver:
     """Sees every call the interceptor wraps; each hook is a no-op unless overridden. Hooks must be quick."""
 
     def started(self, call: Call) -> None:
-        pass
+        """Before the handler runs, once the call's method and peer are known (no default action)."""
 
     def received(self, call: Call, message: Any, size: int) -> None:
-        pass
+        """After each request message is read, with its serialized size (no default action)."""
 
     def sent(self, call: Call, message: Any, size: int) -> None:
-        pass
+        """After each response message is produced, with its serialized size (no default action)."""
 
     def finished(self, call: Call, status: grpc.StatusCode) -> None:
-        pass
+        """Once the call has ended, with its final status (no default action)."""
 
 
 def note_tenant(tenant: str) -> None:
