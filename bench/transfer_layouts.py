@@ -80,7 +80,8 @@ def main(argv: list[str] | None = None) -> None:
     known, rest = parser.parse_known_args(argv)
     args = transfer.parse_args(rest)
     bench = transfer.TransferBench(args, transfer.load_recipe(Path(args.recipe)))
-    report = probe(bench, transfer.split_specs(known.emulators), [t for t in known.tasks.split(",") if t])
+    specs = list(dict.fromkeys(transfer.split_specs(known.emulators)))  # a repeated spec would repeat its rows
+    report = probe(bench, specs, [t for t in known.tasks.split(",") if t])
     write_results(Path(known.out), report, markdown(report))
 
 
