@@ -69,7 +69,41 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {r['emulator']} | {r['emulator_parameters'] or 0:,} | {ppl} | {r['task']} | {r['zero_shot']:.3f} "
             f"| {r['emulator_adapter']:.3f} | {r['plug_in']:.3f} | {(r['plug_in'] - r['zero_shot']) * 100:+.1f} |"
         )
+    lines += ["", "![frontier](transfer_layouts.png)"]
     return "\n".join(lines) + "\n"
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    """The held-out frontier: what each emulator reveals against what its plug-in gains, one marker per task."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    full_parameters = max(r["emulator_parameters"] or 0 for r in report["rows"])  # the identity emulator
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    tasks = sorted({r["task"] for r in report["rows"]})
+    colours = {task: f"C{i}" for i, task in enumerate(tasks)}
+    for task, marker in zip(tasks, "osD^v<>", strict=False):
+        rows = [r for r in report["rows"] if r["task"] == task and r["emulator_parameters"]]
+        for r in rows:
+            gain = (r["plug_in"] - r["zero_shot"]) * 100
+            xs = (r["emulator_parameters"] / full_parameters, r["novel_perplexity"])
+            for ax, x in zip(axes, xs, strict=True):
+                ax.scatter([x], [gain], marker=marker, color=colours[task], label=task if r is rows[0] else None)
+                ax.annotate(r["emulator"], (x, gain), fontsize=5, xytext=(3, 3), textcoords="offset points")
+    for ax, label in zip(
+        axes, ("emulator parameters / full model's", "emulator perplexity on the held-out novel (log)"), strict=True
+    ):
+        ax.axhspan(-5, 5, color="grey", alpha=0.15, label="about the noise of 200 rows")
+        ax.axhline(0, color="black", linewidth=0.5)
+        ax.set_xlabel(label)
+        ax.set_ylabel("plug-in − zero-shot, points (held-out rows)")
+        ax.legend(fontsize=7)
+    axes[1].set_xscale("log")
+    figure.suptitle("Which layouts transfer: one training per emulator and task, held-out training rows", fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -82,7 +116,9 @@ def main(argv: list[str] | None = None) -> None:
     bench = transfer.TransferBench(args, transfer.load_recipe(Path(args.recipe)))
     specs = list(dict.fromkeys(transfer.split_specs(known.emulators)))  # a repeated spec would repeat its rows
     report = probe(bench, specs, [t for t in known.tasks.split(",") if t])
-    write_results(Path(known.out), report, markdown(report))
+    out = Path(known.out)
+    write_results(out, report, markdown(report))
+    plot(report, out.with_suffix(".png"))
 
 
 if __name__ == "__main__":
