@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -11,6 +10,7 @@ from typing import TypeVar
 
 import grpc
 
+from ..common.addresses import is_loopback
 from ..common.contract import (
     MAX_MESSAGE_BYTES,
     STREAM_DEADLINE_SECONDS,
@@ -58,19 +58,6 @@ class ClientTls:
         return grpc.ssl_channel_credentials(root_certificates=root, private_key=key, certificate_chain=chain)
 
 
-def is_local(server: str) -> bool:
-    """A loopback HOST:PORT or a Unix socket: traffic that never crosses a network."""
-    if server.startswith("unix:"):
-        return True
-    host = server.rsplit(":", 1)[0].strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 class Remote:
     def __init__(
         self,
@@ -93,7 +80,7 @@ class Remote:
             )
         if insecure and tls is not None:
             raise ValueError("--insecure turns TLS off; it cannot go with --ca, --cert or --key")
-        if tls is None and not insecure and not is_local(server):
+        if tls is None and not insecure and not is_loopback(server):
             tls = ClientTls()
         options = [
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
