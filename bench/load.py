@@ -2,17 +2,21 @@
 
 Each client is its own tenant and loops: GetModelCard → PullArtifact (the whole emulator; signature and every hash
 verified) → PushAdapter → Evaluate (a few SST-2 dev rows on the pushed adapter) → Represent (64 tokens, top-10
-log-probs) → ListAdapters → DeleteAdapter.
-Counts errors and corrupted pulls, and reports p50/p99 latency per RPC. The daemon runs as a subprocess, as deployed.
+log-probs) → Generate (8 tokens) → ListAdapters → DeleteAdapter. Meanwhile a prober sends a health check every
+HEALTH_PROBE_SECONDS, as a load balancer would.
+Counts errors and corrupted pulls, and reports p50/p99 latency per RPC and for the two kinds the model queue keeps
+apart: small calls (health, model card, push, list, delete) and model calls (Evaluate, Represent, Generate). Checks
+that the audit log holds exactly one line per mutating request (push, delete). The daemon runs as a subprocess, as
+deployed.
 
-    python bench/load.py --clients 16 --seconds 60
-
-writes bench/results/load.{json,md}.
+    python bench/load.py --clients 16 --seconds 60    # writes bench/results/load.{json,md}
+    python bench/load.py --smoke                       # a tiny random model, 2 clients, seconds; writes to a temp dir
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import shutil
@@ -21,11 +25,13 @@ import sys
 import tempfile
 import threading
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
+import grpc
 import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from offsite.client.connection import Remote, RemoteError
 from offsite.client.demo import start_owner
@@ -48,17 +54,26 @@ SAMPLE_DATA = ROOT / "client" / "data"
 RESULTS = ROOT / "bench" / "results" / "load"
 WHOLE_PULL = "PullArtifact (every file of the emulator)"
 REPRESENT_REQUEST = pb.RepresentRequest(token_ids=list(range(100, 164)), log_probs="top_k", top_k=10)
+GENERATE_REQUEST = pb.GenerateRequest(prompt="The film was", max_new_tokens=8)
+HEALTH = "Health"
+HEALTH_PROBE_SECONDS = 0.1
+SMALL_RPCS = (HEALTH, "GetModelCard", "PushAdapter", "ListAdapters", "DeleteAdapter")
+MODEL_RPCS = ("Evaluate", "Represent", "Generate")
+MUTATING_RPCS = ("PushAdapter", "DeleteAdapter")  # what changes the store: each must leave one audit line
 
 
 class Stats:
     def __init__(self) -> None:
         self.latencies: dict[str, list[float]] = defaultdict(list)
+        self.attempts: Counter[str] = Counter()  # calls started, answered or not: what the audit log must show
         self.errors: list[str] = []
         self.corrupted = 0
         self.loops = 0
         self._lock = threading.Lock()
 
     def timed(self, name: str, call: Any, *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            self.attempts[name] += 1
         started = time.perf_counter()
         result = call(*args, **kwargs)
         with self._lock:
@@ -85,6 +100,7 @@ def client_loop(address: str, token: str, adapter: Path, examples: list, until: 
                 pushed = stats.timed("PushAdapter", push_adapter, remote, adapter, show_progress=False)
                 stats.timed("Evaluate", evaluate_remote, remote, examples, pushed.adapter_id, show_progress=False)
                 stats.timed("Represent", lambda request: list(remote.represent(iter([request]))), REPRESENT_REQUEST)
+                stats.timed("Generate", lambda request: list(remote.generate(request)), GENERATE_REQUEST)
                 stats.timed("ListAdapters", remote.list_adapters)
                 stats.timed("DeleteAdapter", remote.delete_adapter, pushed.adapter_id)
                 stats.loop_done()
@@ -96,9 +112,35 @@ def client_loop(address: str, token: str, adapter: Path, examples: list, until: 
                 shutil.rmtree(target, ignore_errors=True)
 
 
+def health_prober(address: str, until: float, stats: Stats) -> None:
+    with grpc.insecure_channel(address) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < until:
+            try:
+                stats.timed(HEALTH, health.Check, health_pb2.HealthCheckRequest(), timeout=30)
+            except grpc.RpcError as error:
+                stats.error(f"health: {error.code().name}")
+            time.sleep(HEALTH_PROBE_SECONDS)
+
+
 def percentile(values: list[float], fraction: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(round(fraction * (len(ordered) - 1))))]
+
+
+def latency_row(values: list[float]) -> dict[str, Any]:
+    return {
+        "calls": len(values),
+        "p50_ms": round(statistics.median(values) * 1000, 1),
+        "p99_ms": round(percentile(values, 0.99) * 1000, 1),
+        "max_ms": round(max(values) * 1000, 1),
+    }
+
+
+def audit_by_method(audit: Path, skip: int) -> Counter[str]:
+    """Lines per RPC name in the audit log, past the first `skip` (a reused store's older lines)."""
+    lines = audit.read_text().splitlines()[skip:] if audit.exists() else []
+    return Counter(json.loads(line)["method"].rsplit("/", 1)[-1] for line in lines)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -131,22 +173,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             )
             thread.start()
             threads.append(thread)
+        prober = threading.Thread(target=health_prober, args=(address, until, stats), daemon=True)
+        prober.start()
+        threads.append(prober)
         for thread in threads:
             thread.join()
         wall = time.perf_counter() - started
     finally:
         owner.terminate()
         owner.wait(60)
-    audit_lines = (audit.read_text().count("\n") if audit.exists() else 0) - audit_before
-    rows = {
-        name: {
-            "calls": len(values),
-            "p50_ms": round(statistics.median(values) * 1000, 1),
-            "p99_ms": round(percentile(values, 0.99) * 1000, 1),
-            "max_ms": round(max(values) * 1000, 1),
-        }
-        for name, values in sorted(stats.latencies.items())
-    }
+    audited = audit_by_method(audit, audit_before)
+    mutating = {name: {"requests": stats.attempts[name], "audit_lines": audited[name]} for name in MUTATING_RPCS}
+    rows = {name: latency_row(values) for name, values in sorted(stats.latencies.items())}
+    small = latency_row([v for name in SMALL_RPCS for v in stats.latencies[name]])
+    model = latency_row([v for name in MODEL_RPCS for v in stats.latencies[name]])
     return {
         "model": args.model,
         "emulator": pulled["emulator"],
@@ -157,7 +197,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "errors": len(stats.errors),
         "error_samples": stats.errors[:5],
         "corrupted_artifacts": stats.corrupted,
-        "audit_lines": audit_lines,
+        "audit_lines": sum(audited.values()),
+        "audit_mutating": mutating,
+        "audit_one_line_per_mutating_request": all(m["requests"] == m["audit_lines"] for m in mutating.values()),
+        "small_rpc_p50_ms": small["p50_ms"],
+        "small_rpc_p99_ms": small["p99_ms"],
+        "model_rpc_p50_ms": model["p50_ms"],
+        "model_rpc_p99_ms": model["p99_ms"],
+        "model_rpc_calls": model["calls"],
         "eval_examples_per_call": len(examples),
         "device": f"CPU ({platform.machine()}), {os.cpu_count()} cores, torch threads {torch.get_num_threads()}",
         "rpcs": rows,
@@ -173,7 +220,11 @@ def markdown(result: dict[str, Any]) -> str:
         f"rows. {result['device']}.",
         "",
         f"**{result['loops']} full loops, {result['errors']} errors, {result['corrupted_artifacts']} corrupted "
-        f"artifacts**; the audit log gained {result['audit_lines']} lines, one per RPC.",
+        f"artifacts**; the audit log gained {result['audit_lines']} lines, {audit_verdict(result)}.",
+        "",
+        f"Small calls ({', '.join(SMALL_RPCS)}): p50 {result['small_rpc_p50_ms']} ms, p99 "
+        f"{result['small_rpc_p99_ms']} ms. Model calls ({', '.join(MODEL_RPCS)}): p50 {result['model_rpc_p50_ms']} "
+        f"ms, p99 {result['model_rpc_p99_ms']} ms, {result['model_rpc_calls']} calls.",
         "",
         "| RPC | calls | p50 ms | p99 ms | max ms |",
         "|---|---:|---:|---:|---:|",
@@ -183,7 +234,25 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
+def audit_verdict(result: dict[str, Any]) -> str:
+    counts = ", ".join(f"{m['audit_lines']}/{m['requests']} {name}" for name, m in result["audit_mutating"].items())
+    verdict = "one per mutating request" if result["audit_one_line_per_mutating_request"] else "NOT one per request"
+    return f"{verdict} ({counts})"
+
+
+def smoke_arguments(args: argparse.Namespace) -> argparse.Namespace:
+    """A tiny random model, two clients, a few seconds: every code path, none of the cost."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from tiny_models import save_tiny_model
+
+    work = Path(tempfile.mkdtemp(prefix="offsite-load-smoke-"))
+    args.model = str(save_tiny_model("llama", work / "model"))
+    args.emulator, args.clients, args.seconds, args.eval_examples = "uniform:1-2-1", 2, 3.0, 2
+    args.workdir, args.out = str(work), str(work / "load")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--emulator", default="uniform:2-8-2")
@@ -192,10 +261,13 @@ def main() -> None:
     parser.add_argument("--eval-examples", type=int, default=4)
     parser.add_argument("--workdir", help="keep the store and logs here (default: a temp dir)")
     parser.add_argument("--out", default=str(RESULTS), help="results path without extension")
-    args = parser.parse_args()
+    parser.add_argument("--smoke", action="store_true", help="tiny model, 2 clients, 3 s, results in a temp dir")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args = smoke_arguments(args)
     result = run(args)
-    out = Path(args.out)
-    write_results(out, result, markdown(result))
+    write_results(Path(args.out), result, markdown(result))
+    return result
 
 
 if __name__ == "__main__":

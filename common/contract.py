@@ -51,7 +51,6 @@ REPRESENT_DTYPES = ("float32", "float16", "bfloat16")
 REPRESENT_LOG_PROBS = ("", "full", "top_k")
 MAX_TOP_K = 1000
 REPRESENT_BATCH = 16  # requests from all streams folded into one forward
-REPRESENT_WINDOW_SECONDS = 0.002  # how long the batcher waits for company
 REPRESENT_TOKENS_PER_SECOND = 50_000  # per tenant, refused beyond
 
 # Bundles

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +22,7 @@ from .memory import PeakRss
 from .model_loading import ensure_pad_token
 
 ProgressCallback = Callable[[int, int], None]
+Returned = TypeVar("Returned")
 
 
 def causal_model(model: PreTrainedModel | PeftModel) -> PreTrainedModel:
@@ -60,6 +62,14 @@ def completion_nll(model: PreTrainedModel | PeftModel, batch: dict[str, torch.Te
     rows, cols = (targets != IGNORE).nonzero(as_tuple=True)
     logits = logits_at(model, batch["input_ids"], batch["attention_mask"], rows, cols)
     return F.cross_entropy(logits, targets[rows, cols], reduction="sum"), int(rows.numel())
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Sequences scored so far, of all: what a step of scoring yields after each batch."""
+
+    done: int
+    total: int
 
 
 @dataclass
@@ -142,13 +152,9 @@ def _queries_for(example: Example, tokenizer: PreTrainedTokenizerBase, max_lengt
 
 @torch.inference_mode()
 def _run_queries(
-    model: PreTrainedModel | PeftModel,
-    queries: list[_Query],
-    pad_id: int,
-    batch_size: int,
-    progress: ProgressCallback | None,
-) -> list[list[list[float]]]:
-    """Log-probabilities [query][position][candidate]."""
+    model: PreTrainedModel | PeftModel, queries: list[_Query], pad_id: int, batch_size: int
+) -> Generator[Progress, None, list[list[list[float]]]]:
+    """Log-probabilities [query][position][candidate]; yields after each batch, so a caller can pause between them."""
     results: list[list[list[float]]] = [[] for _ in queries]
     order = sorted(range(len(queries)), key=lambda i: len(queries[i].ids))  # less padding
     for start in range(0, len(order), batch_size):
@@ -163,25 +169,33 @@ def _run_queries(
             for candidates in queries[i].candidates:
                 results[i].append(logprobs[k, candidates].tolist())
                 k += 1
-        if progress is not None:
-            progress(min(start + batch_size, len(order)), len(order))
+        yield Progress(min(start + batch_size, len(order)), len(order))
     return results
 
 
-def score_examples(
+def _drive(steps: Generator[Progress, None, Returned], progress: ProgressCallback | None) -> Returned:
+    """Runs the steps to their end, telling `progress` after each."""
+    while True:
+        try:
+            step = next(steps)
+        except StopIteration as finished:
+            return finished.value
+        if progress is not None:
+            progress(step.done, step.total)
+
+
+def _score_steps(
     model: PreTrainedModel | PeftModel,
     tokenizer: PreTrainedTokenizerBase,
     examples: Sequence[Example],
-    batch_size: int = 16,
-    max_length: int = 256,
-    progress: ProgressCallback | None = None,
-) -> list[ExampleScore]:
-    """Per-example log-likelihoods: of each text token, or of each continuation (the choices, or the completion)."""
+    batch_size: int,
+    max_length: int,
+) -> Generator[Progress, None, list[ExampleScore]]:
     pad_id = ensure_pad_token(tokenizer)
     lead = leading_special_count(tokenizer)
     per_example = [_queries_for(e, tokenizer, max_length, lead) for e in examples]
     flat = [q for qs in per_example for q in qs]
-    scored = _run_queries(model.eval(), flat, pad_id, batch_size, progress)
+    scored = yield from _run_queries(model.eval(), flat, pad_id, batch_size)
 
     out, k = [], 0
     for example, queries in zip(examples, per_example, strict=True):
@@ -211,6 +225,32 @@ def score_examples(
     return out
 
 
+def score_examples(
+    model: PreTrainedModel | PeftModel,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[Example],
+    batch_size: int = 16,
+    max_length: int = 256,
+    progress: ProgressCallback | None = None,
+) -> list[ExampleScore]:
+    """Per-example log-likelihoods: of each text token, or of each continuation (the choices, or the completion)."""
+    return _drive(_score_steps(model, tokenizer, examples, batch_size, max_length), progress)
+
+
+def evaluation_steps(
+    model: PreTrainedModel | PeftModel,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[Example],
+    batch_size: int = 16,
+    max_length: int = 256,
+) -> Iterator[Progress | EvaluationReport]:
+    """`evaluate` one batch per step: Progress after each batch, then the report (a scheduler runs it in turns)."""
+    started = time.perf_counter()
+    with PeakRss() as rss:
+        scores = yield from _score_steps(model, tokenizer, examples, batch_size, max_length)
+    yield _report(scores, len(examples), time.perf_counter() - started, rss.peak)
+
+
 def evaluate(
     model: PreTrainedModel | PeftModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -223,6 +263,10 @@ def evaluate(
     started = time.perf_counter()
     with PeakRss() as rss:
         scores = score_examples(model, tokenizer, examples, batch_size, max_length, progress)
+    return _report(scores, len(examples), time.perf_counter() - started, rss.peak)
+
+
+def _report(scores: list[ExampleScore], examples: int, seconds: float, peak_rss_bytes: int) -> EvaluationReport:
     nll, tokens, correct_norm = 0.0, 0, 0
     outcomes: list[bool] = []
     for score in scores:
@@ -236,14 +280,14 @@ def evaluate(
             correct_norm += int(score.correct_norm)
     loss = nll / tokens if tokens else float("nan")
     return EvaluationReport(
-        examples=len(examples),
+        examples=examples,
         tokens=tokens,
         loss=loss,
         perplexity=math.exp(loss) if tokens and loss < 700 else float("nan"),
         accuracy=sum(outcomes) / len(outcomes) if outcomes else float("nan"),
         scored_choices=len(outcomes),
-        seconds=time.perf_counter() - started,
+        seconds=seconds,
         accuracy_norm=correct_norm / len(outcomes) if outcomes else float("nan"),
-        peak_rss_bytes=rss.peak,
+        peak_rss_bytes=peak_rss_bytes,
         correct=outcomes,
     )

@@ -5,13 +5,17 @@ thread for as long as it lasts, so streams (all tenants together) may take at mo
 UNARY_RESERVE more stay free for health checks and small calls. Past WORKERS calls in flight, gRPC refuses at once
 (RESOURCE_EXHAUSTED) instead of queueing calls behind threads that may never come free. A stream that waits on its
 client for STREAM_IDLE_SECONDS, or runs for STREAM_MAX_SECONDS, is cancelled, so idle streams cannot hold slots.
+
+Model forwards do not run on those threads: they queue for MODEL_WORKERS threads of their own (owner/model_queue.py),
+at most MODEL_QUEUE_PER_TENANT calls per tenant and MODEL_QUEUE_TOTAL in all, so health checks and small calls
+never wait behind a forward.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -31,6 +35,13 @@ WORKERS = MAX_STREAMS_TOTAL + UNARY_RESERVE
 STREAM_IDLE_SECONDS = 120.0  # waiting on the client (its next request, or room to send) for longer: cancelled
 STREAM_MAX_SECONDS = STREAM_DEADLINE_SECONDS  # the client's own deadline on a stream, enforced here too
 WATCHDOG_TICK_SECONDS = 1.0  # how often deadlines are checked, at most
+# One forward at a time: torch spreads it over every core; a second would take the GIL from small calls twice as often
+MODEL_WORKERS = 1
+# Model calls admitted (waiting, running, or holding a result for their reader): one per model stream, so at the
+# defaults the stream slots refuse first; lower these to bound how long a call may wait for the model
+MODEL_QUEUE_PER_TENANT = MAX_STREAMS_PER_TENANT
+MODEL_QUEUE_TOTAL = MAX_STREAMS_TOTAL
+MODEL_RETRY_MIN_SECONDS = 1.0  # the least retry hint of a full model queue: a slot rarely frees sooner
 
 Item = TypeVar("Item")
 
@@ -127,6 +138,51 @@ class TokenRate:
                     f"tokens/s leaves {int(left)} now"
                 )
             self._buckets[tenant] = (left - tokens, now)
+
+
+class BudgetExceeded(Exception):
+    def __init__(self, message: str, retry_after: float):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class TokenBudget:
+    """Positions each tenant may receive within a sliding window; past it, refused with when to retry."""
+
+    def __init__(self, budget: int, window: float, clock: Callable[[], float] = time.monotonic):
+        self.budget, self.window, self.clock = budget, window, clock
+        self._spent: dict[str, deque[tuple[float, int]]] = {}  # tenant -> (when, positions), oldest first
+        self._lock = threading.Lock()
+
+    def take(self, tenant: str, tokens: int) -> None:
+        if not self.budget:
+            return
+        if tokens > self.budget:
+            raise BudgetExceeded(
+                f"{tokens} positions are more than this owner's represent_token_budget of {self.budget} per "
+                f"{self.window:g} s; send fewer tokens per request",
+                self.window,
+            )
+        now = self.clock()
+        with self._lock:
+            spent = self._spent.setdefault(tenant, deque())
+            while spent and spent[0][0] <= now - self.window:
+                spent.popleft()
+            used = sum(n for _, n in spent)
+            if used + tokens <= self.budget:
+                spent.append((now, tokens))
+                return
+            freed, retry = used + tokens - self.budget, self.window  # the oldest entries expire first
+            for when, n in spent:
+                freed -= n
+                if freed <= 0:
+                    retry = when + self.window - now
+                    break
+        raise BudgetExceeded(
+            f"tenant {tenant} has received {used} of its {self.budget} Represent positions in the last "
+            f"{self.window:g} s (represent_token_budget); retry in {retry:.0f} s",
+            max(retry, 0.0),
+        )
 
 
 @dataclass(eq=False)

@@ -2,8 +2,8 @@
 
 RPC metrics use go-grpc-prometheus's names and labels (grpc_server_handled_total{grpc_service, grpc_method,
 grpc_code, grpc_type} and friends), so existing gRPC dashboards and alerts work on them unchanged. The rest are
-offsite_*: bytes in and out, streams in flight, Represent tokens served per tenant, and, read from the store at
-each scrape, adapters stored per tenant.
+offsite_*: bytes in and out, streams in flight, Represent tokens served per tenant, and, read at each scrape,
+adapters stored per tenant (from the store) and model calls queued per tenant (from the model queue).
 
 Each OwnerMetrics has its own registry: several daemons in one process (tests) do not share counters.
 """
@@ -26,6 +26,7 @@ from prometheus_client.registry import Collector
 
 from ..common.rpc import pb
 from .audit import Call, CallObserver
+from .model_queue import ModelQueue
 from .store import Store
 
 # Seconds: a model card takes milliseconds, a pull of a large emulator minutes, an evaluation on CPU hours
@@ -57,8 +58,28 @@ class StoreCollector(Collector):
         return [adapters, stored, GaugeMetricFamily("offsite_tenants", "tenants registered", value=len(tenants))]
 
 
+class ModelQueueCollector(Collector):
+    """Model calls admitted per tenant (waiting, running, or holding a result for their reader), when scraped."""
+
+    def __init__(self, model_queue: ModelQueue):
+        self.model_queue = model_queue
+
+    def collect(self) -> Iterable[Metric]:
+        depth = GaugeMetricFamily(
+            "offsite_model_queue_depth", "model calls queued or running, per tenant", labels=["tenant"]
+        )
+        for tenant, calls in sorted(self.model_queue.depths().items()):
+            depth.add_metric([tenant], calls)
+        return [depth]
+
+
 class OwnerMetrics(CallObserver):
-    def __init__(self, store: Store | None = None, registry: CollectorRegistry | None = None):
+    def __init__(
+        self,
+        store: Store | None = None,
+        registry: CollectorRegistry | None = None,
+        model_queue: ModelQueue | None = None,
+    ):
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.started_calls = Counter("grpc_server_started", "RPCs started", RPC_LABELS, registry=r)
@@ -81,6 +102,8 @@ class OwnerMetrics(CallObserver):
         )
         if store is not None:
             r.register(StoreCollector(store))
+        if model_queue is not None:
+            r.register(ModelQueueCollector(model_queue))
         # Represent: each response answers the oldest unanswered request, whose tokens it then counts
         self._pending: dict[str, deque[int]] = {}
         self._lock = threading.Lock()

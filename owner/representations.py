@@ -1,8 +1,9 @@
-"""Server side of `Represent`: many small concurrent requests folded into one forward of the full model.
+"""Server side of `Represent`: concurrent requests folded into one forward of the full model.
 
-Each caller submits token ids and waits on a future; one worker thread takes the first waiting request, gathers
-whatever else arrives within REPRESENT_WINDOW_SECONDS (up to REPRESENT_BATCH requests), runs them as one padded
-batch, and hands each caller its own rows. A single caller sees no wait beyond the window.
+Each request is submitted as pending, then run as one step of its call's model-queue job (owner/model_queue.py).
+Whichever pending request's turn comes first takes up to REPRESENT_BATCH - 1 others along into one padded batch and
+hands each its own rows; the others' turns then find their answer ready. While the model is busy requests pile up
+and fold together; an idle model runs a lone request at once, with no wait for company.
 
 The LM head runs only on the positions whose log-probs a caller asked for: over a large vocabulary, logits for every
 position of a batch would cost far more memory than the forward itself.
@@ -10,17 +11,17 @@ position of a batch would cost far more memory than the forward itself.
 
 from __future__ import annotations
 
-import contextlib
-import queue
 import threading
+from collections.abc import Iterator
 from concurrent.futures import Future
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import torch
 from transformers import PreTrainedModel
 
 from ..common.architectures import blocks
-from ..common.contract import REPRESENT_BATCH, REPRESENT_WINDOW_SECONDS
+from ..common.contract import REPRESENT_BATCH
 from ..common.scoring import causal_model
 
 NO_LOG_PROBS, LAST_LOG_PROBS, ALL_LOG_PROBS = "none", "last", "all"  # where a request wants log-probs
@@ -32,32 +33,55 @@ class Represented:
     log_probs: torch.Tensor | None  # [positions asked for, vocab], fp32; None when none were asked for
 
 
-@dataclass
-class _Request:
+@dataclass(eq=False)  # a request is itself, whatever its ids: the pending list is searched by identity
+class PendingRepresentation:
     ids: list[int]
     log_probs_at: str
-    future: Future[Represented]
+    future: Future[Represented] = field(default_factory=Future)
 
 
 class RepresentationBatcher:
-    def __init__(self, model: PreTrainedModel, batch: int = REPRESENT_BATCH, window: float = REPRESENT_WINDOW_SECONDS):
+    def __init__(self, model: PreTrainedModel, batch: int = REPRESENT_BATCH):
         self.model = model.eval()
-        self.batch, self.window = batch, window
-        self._queue: queue.Queue[_Request] = queue.Queue()
+        self.batch = batch
+        self._pending: list[PendingRepresentation] = []  # oldest first
+        self._lock = threading.Lock()
         self.batches_run = 0
-        self._worker = threading.Thread(target=self._run, name="represent-batcher", daemon=True)
-        self._worker.start()
 
-    def submit(self, ids: list[int], log_probs_at: str = NO_LOG_PROBS) -> Future[Represented]:
-        future: Future[Represented] = Future()
-        self._queue.put(_Request(ids, log_probs_at, future))
-        return future
+    @contextmanager
+    def pending(self, ids: list[int], log_probs_at: str = NO_LOG_PROBS) -> Iterator[PendingRepresentation]:
+        """A request other batches may take along until `run` answers it; withdrawn on exit if none did."""
+        request = PendingRepresentation(ids, log_probs_at)
+        with self._lock:
+            self._pending.append(request)
+        try:
+            yield request
+        finally:
+            with self._lock:
+                if request in self._pending:
+                    self._pending.remove(request)
 
-    def represent(self, ids: list[int], log_probs_at: str = NO_LOG_PROBS) -> Represented:
-        return self.submit(ids, log_probs_at).result()
+    def run(self, request: PendingRepresentation) -> Represented:
+        """The request's answer: from a batch that already took it, or from one it leads with the oldest pending."""
+        with self._lock:
+            batch = []
+            if request in self._pending:
+                self._pending.remove(request)
+                batch = [request, *self._pending[: self.batch - 1]]
+                del self._pending[: self.batch - 1]
+        if batch:
+            try:
+                results = self._forward(batch)
+                self.batches_run += 1
+                for taken, result in zip(batch, results, strict=True):
+                    taken.future.set_result(result)
+            except Exception as error:  # every request of the batch must see the failure, not only this one
+                for taken in batch:
+                    taken.future.set_exception(error)
+        return request.future.result()
 
     @torch.no_grad()
-    def _forward(self, requests: list[_Request]) -> list[Represented]:
+    def _forward(self, requests: list[PendingRepresentation]) -> list[Represented]:
         """Pre-norm states of every position; log-probs only where asked, from the normed states."""
         captured: list[torch.Tensor] = []
         handle = blocks(self.model)[-1].register_forward_hook(
@@ -84,18 +108,3 @@ class RepresentationBatcher:
                 log_probs = torch.log_softmax(head(normed[row, first:length]).float(), dim=-1)
             results.append(Represented(captured[-1][row, :length].float(), log_probs))
         return results
-
-    def _run(self) -> None:
-        while True:
-            pending = [self._queue.get()]
-            with contextlib.suppress(queue.Empty):  # the window closed before the batch filled
-                while len(pending) < self.batch:
-                    pending.append(self._queue.get(timeout=self.window))
-            try:
-                results = self._forward(pending)
-                self.batches_run += 1
-                for request, result in zip(pending, results, strict=True):
-                    request.future.set_result(result)
-            except Exception as error:  # the callers, not this thread, must see a failure
-                for request in pending:
-                    request.future.set_exception(error)

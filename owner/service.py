@@ -7,15 +7,14 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import queue
 import shutil
 import threading
-import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -51,7 +50,7 @@ from ..common.pema.bundle import load_pema
 from ..common.pema.generation import decoded_increments, generate_pema
 from ..common.pema.head import Head
 from ..common.pema.representation import LocalRepresenter
-from ..common.scoring import EvaluationReport, evaluate
+from ..common.scoring import EvaluationReport, Progress, evaluation_steps
 from ..common.signing import public_key_hex
 from .adapters.plugin import plug
 from .adapters.validation import AdapterRejected, Check, validate_adapter
@@ -65,13 +64,14 @@ from .config import (
 from .emulator import EmulatorSpec, build_emulator
 from .emulator.report_card import check_release
 from .generation import generate_stream
-from .limits import LimitExceeded, TenantLimits, TokenRate
+from .limits import BudgetExceeded, LimitExceeded, TenantLimits, TokenBudget, TokenRate
+from .model_queue import CallEnded, Job, ModelQueue, ModelQueueFull
 from .representations import ALL_LOG_PROBS, LAST_LOG_PROBS, NO_LOG_PROBS, RepresentationBatcher, Represented
 from .store import Store, TamperedAdapter, content_id, new_record
 
 log = logging.getLogger(__name__)
 PLUGGED_CACHE_SIZE = 2
-CANCEL_POLL_SECONDS = 0.1  # how soon a waiting evaluation notices that its call ended
+Step = TypeVar("Step")
 WIRE_WIDTHS = {"float32": 4, "float16": 2, "bfloat16": 2}  # bytes per value of a Represent dtype
 TOP_K_ENTRY_BYTES = 8  # an int32 id and a float32 log-prob
 
@@ -142,55 +142,6 @@ class RepresentPolicy:
         }
 
 
-class BudgetExceeded(Exception):
-    def __init__(self, message: str, retry_after: float):
-        super().__init__(message)
-        self.retry_after = retry_after
-
-
-class TokenBudget:
-    """Positions each tenant may receive within a sliding window; past it, refused with when to retry."""
-
-    def __init__(self, budget: int, window: float, clock: Any = time.monotonic):
-        self.budget, self.window, self.clock = budget, window, clock
-        self._spent: dict[str, deque[tuple[float, int]]] = {}  # tenant -> (when, positions), oldest first
-        self._lock = threading.Lock()
-
-    def take(self, tenant: str, tokens: int) -> None:
-        if not self.budget:
-            return
-        if tokens > self.budget:
-            raise BudgetExceeded(
-                f"{tokens} positions are more than this owner's represent_token_budget of {self.budget} per "
-                f"{self.window:g} s; send fewer tokens per request",
-                self.window,
-            )
-        now = self.clock()
-        with self._lock:
-            spent = self._spent.setdefault(tenant, deque())
-            while spent and spent[0][0] <= now - self.window:
-                spent.popleft()
-            used = sum(n for _, n in spent)
-            if used + tokens <= self.budget:
-                spent.append((now, tokens))
-                return
-            freed, retry = used + tokens - self.budget, self.window  # the oldest entries expire first
-            for when, n in spent:
-                freed -= n
-                if freed <= 0:
-                    retry = when + self.window - now
-                    break
-        raise BudgetExceeded(
-            f"tenant {tenant} has received {used} of its {self.budget} Represent positions in the last "
-            f"{self.window:g} s (represent_token_budget); retry in {retry:.0f} s",
-            max(retry, 0.0),
-        )
-
-
-class EvaluationStopped(Exception):
-    """The call ended (cancelled or past a deadline): the evaluation stops at its next batch."""
-
-
 class OwnerError(Exception):
     """An error the client caused or must know about; `code` names the gRPC status."""
 
@@ -238,12 +189,6 @@ class PushResult:
     already_stored: bool
 
 
-@dataclass
-class Progress:
-    done: int
-    total: int
-
-
 class OwnerService:
     def __init__(
         self,
@@ -256,8 +201,10 @@ class OwnerService:
         release_margin: float | None = None,
         limits: TenantLimits | None = None,
         represent_policy: RepresentPolicy | None = None,
+        model_queue: ModelQueue | None = None,
     ):
         self.loaded = loaded
+        self.model_queue = model_queue or ModelQueue()  # every forward of the full model runs there, in turns
         self.represent_policy = represent_policy or RepresentPolicy()
         policy = self.represent_policy
         self.represent_budget = TokenBudget(policy.token_budget, policy.budget_window_seconds)
@@ -529,7 +476,10 @@ class OwnerService:
         batch_size: int,
         stop: threading.Event | None = None,
     ) -> Iterator[Progress | EvaluationReport]:
-        """Progress events, then the report. Setting `stop` (the call ended) stops the work at its next batch."""
+        """Progress events, then the report, one batch per turn in the model queue.
+
+        Setting `stop` (the call ended) drops the evaluation while it waits, or stops it after its running batch.
+        """
         if use_owner_data and examples:
             raise invalid("send examples or ask for the owner's data, not both")
         chosen = self.owner_examples if use_owner_data else examples
@@ -560,47 +510,13 @@ class OwnerService:
                 f"batch_size {batch_size} is too large: at most {most} sequences of up to {max_length} tokens "
                 f"({MAX_EVAL_BATCH_TOKENS} tokens) per forward"
             )
-        model = self._model_for(tenant, adapter_id)
-        stop = stop or threading.Event()
-        events: queue.Queue[Progress | EvaluationReport | BaseException] = queue.Queue()
 
-        def progress(done: int, total: int) -> None:
-            if stop.is_set():
-                raise EvaluationStopped()
-            events.put(Progress(done, total))
+        def steps() -> Iterator[Progress | EvaluationReport]:
+            model = self._model_for(tenant, adapter_id)  # plugging copies weights: model work, in the queue too
+            batch = batch_size or min(self.eval_batch_size, most)
+            yield from evaluation_steps(model, self.loaded.tokenizer, chosen, batch_size=batch, max_length=max_length)
 
-        def work() -> None:
-            try:
-                events.put(
-                    evaluate(
-                        model,
-                        self.loaded.tokenizer,
-                        chosen,
-                        batch_size=batch_size or min(self.eval_batch_size, most),
-                        max_length=max_length,
-                        progress=progress,
-                    )
-                )
-            except BaseException as error:  # handed to the streaming thread, which re-raises it
-                events.put(error)
-
-        worker = threading.Thread(target=work, name=f"evaluate-{tenant}", daemon=True)
-        worker.start()
-        try:
-            while not stop.is_set():
-                try:
-                    event = events.get(timeout=CANCEL_POLL_SECONDS)
-                except queue.Empty:
-                    continue
-                if isinstance(event, BaseException):
-                    raise event
-                yield event
-                if isinstance(event, EvaluationReport):
-                    return
-        finally:
-            # However the call ends, the work ends first: no evaluation outlives the stream slot it was given.
-            stop.set()
-            worker.join()
+        yield from self._queued(tenant, steps(), stop)
 
     def generate(
         self,
@@ -611,7 +527,9 @@ class OwnerService:
         temperature: float,
         seed: int,
         planned_length: int = 0,
+        stop: threading.Event | None = None,
     ) -> Iterator[tuple[int, str]]:
+        """(token, new text) one token per turn in the model queue; `stop` (the call ended) drops the rest."""
         if not prompt:
             raise invalid("empty prompt")
         if not 1 <= max_new_tokens <= MAX_NEW_TOKENS:
@@ -629,14 +547,21 @@ class OwnerService:
             )
         record = self.store.get_adapter(tenant, adapter_id) if adapter_id else None
         if record is not None and record.method == PEMA:
-            return self._generate_pema(adapter_id, prompt, max_new_tokens, planned_length)
-        model = self._model_for(tenant, adapter_id)
-        return generate_stream(model, self.loaded.tokenizer, prompt, max_new_tokens, temperature, seed)
+            steps = self._generate_pema(adapter_id, prompt, max_new_tokens, planned_length)
+        else:
+            steps = self._generate_plugged(tenant, adapter_id, prompt, max_new_tokens, temperature, seed)
+        return self._queued(tenant, steps, stop)
+
+    def _generate_plugged(
+        self, tenant: str, adapter_id: str, prompt: str, max_new_tokens: int, temperature: float, seed: int
+    ) -> Iterator[tuple[int, str]]:
+        model = self._model_for(tenant, adapter_id)  # in the first step: plugging is model work
+        yield from generate_stream(model, self.loaded.tokenizer, prompt, max_new_tokens, temperature, seed)
 
     def _generate_pema(
         self, adapter_id: str, prompt: str, max_new_tokens: int, planned_length: int
     ) -> Iterator[tuple[int, str]]:
-        """Greedy, with Gradual Unrolling over the full model's own representations."""
+        """Greedy, with Gradual Unrolling over the full model's own representations; loads in the first step."""
         adapter, config = load_pema(self._verified_adapter_dir(adapter_id))
         head = Head.from_model(self.loaded.model)
         tokenizer = self.loaded.tokenizer
@@ -650,14 +575,24 @@ class OwnerService:
         tokens = generate_pema(
             step, adapter, head, config, prompt_ids, max_new_tokens, tokenizer.eos_token_id, planned_length or None
         )
-        return decoded_increments(tokenizer, tokens)
+        yield from decoded_increments(tokenizer, tokens)
 
     # Represent
 
     def represent(
-        self, tenant: str, ids: list[int], dtype: str, log_probs: str, top_k: int, last_only: bool
+        self,
+        tenant: str,
+        ids: list[int],
+        dtype: str,
+        log_probs: str,
+        top_k: int,
+        last_only: bool,
+        stop: threading.Event | None = None,
     ) -> Represented:
-        """Hidden states (and log-probs) of one token sequence; the servicer encodes them for the wire."""
+        """Hidden states (and log-probs) of one token sequence; the servicer encodes them for the wire.
+
+        The forward waits its turn in the model queue; `stop` (the call ended) drops it while it waits.
+        """
         policy = self.represent_policy
         if not policy.represent:
             raise OwnerError("PERMISSION_DENIED", "this owner does not serve Represent (serve --no-represent)")
@@ -684,17 +619,39 @@ class OwnerService:
                 f"the response would be {size} bytes, over the message limit of {MAX_MESSAGE_BYTES}; send fewer "
                 "tokens, or ask for last_only or top_k log-probs"
             )
-        try:
-            self.represent_rate.take(tenant, len(ids))  # compute: every token is run
-        except LimitExceeded as error:
-            raise OwnerError("RESOURCE_EXHAUSTED", str(error)) from None
-        try:
-            self.represent_budget.take(tenant, positions)  # what is revealed: the positions returned
-        except BudgetExceeded as error:
-            raise OwnerError("RESOURCE_EXHAUSTED", str(error), retry_after=error.retry_after) from None
-        wanted = NO_LOG_PROBS if not log_probs else LAST_LOG_PROBS if last_only else ALL_LOG_PROBS
-        result = self.representations.represent(ids, wanted)
+        with self._model_job(tenant, stop) as job:  # admitted first: a full queue charges no rate or budget
+            try:
+                self.represent_rate.take(tenant, len(ids))  # compute: every token is run
+            except LimitExceeded as error:
+                raise OwnerError("RESOURCE_EXHAUSTED", str(error)) from None
+            try:
+                self.represent_budget.take(tenant, positions)  # what is revealed: the positions returned
+            except BudgetExceeded as error:
+                raise OwnerError("RESOURCE_EXHAUSTED", str(error), retry_after=error.retry_after) from None
+            wanted = NO_LOG_PROBS if not log_probs else LAST_LOG_PROBS if last_only else ALL_LOG_PROBS
+            with self.representations.pending(ids, wanted) as request:
+                result = job.call(lambda: self.representations.run(request))
         return Represented(result.hidden[-1:], result.log_probs) if last_only else result
+
+    # The model queue
+
+    @contextmanager
+    def _model_job(self, tenant: str, stop: threading.Event | None) -> Iterator[Job]:
+        """A model-queue slot for one call, as OwnerErrors: a full queue, or a call that ended before its turn."""
+        try:
+            job = self.model_queue.admit(tenant, stop)
+        except ModelQueueFull as error:
+            raise OwnerError("RESOURCE_EXHAUSTED", str(error), retry_after=error.retry_after) from None
+        try:
+            yield job
+        except CallEnded:
+            raise OwnerError("CANCELLED", "the call ended before the model reached it") from None
+        finally:
+            job.cancel()
+
+    def _queued(self, tenant: str, steps: Iterator[Step], stop: threading.Event | None) -> Iterator[Step]:
+        with self._model_job(tenant, stop) as job:
+            yield from job.stream(steps)
 
     # ListAdapters / DeleteAdapter
 

@@ -265,7 +265,7 @@ class OwnerServicer(pb_grpc.ModelOwnerServicer):
         self, tenant: str, request: pb.GenerateRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.GenerateEvent]:
         temperature = request.temperature if math.isfinite(request.temperature) else -1.0
-        for token, text in self.service.generate(
+        tokens = self.service.generate(
             tenant,
             request.adapter_id,
             request.prompt,
@@ -273,8 +273,11 @@ class OwnerServicer(pb_grpc.ModelOwnerServicer):
             temperature,
             request.seed,
             request.planned_length,
-        ):
-            yield pb.GenerateEvent(text=text, token_id=token)
+            ended_event(context),
+        )
+        with closing(tokens):  # closed when this stream is: its turn in the model queue is given up at once
+            for token, text in tokens:
+                yield pb.GenerateEvent(text=text, token_id=token)
         yield pb.GenerateEvent(done=True)
 
     def Represent(
@@ -287,14 +290,17 @@ class OwnerServicer(pb_grpc.ModelOwnerServicer):
         self, tenant: str, requests: Iterator[pb.RepresentRequest], context: grpc.ServicerContext
     ) -> Iterator[pb.RepresentResponse]:
         with self.stream_slot(tenant, context) as watch:
-            yield from _send(self._representations(tenant, watch.requests(requests)), watch, context)
+            representations = self._representations(tenant, watch.requests(requests), ended_event(context))
+            yield from _send(representations, watch, context)
 
-    def _representations(self, tenant: str, requests: Iterator[pb.RepresentRequest]) -> Iterator[pb.RepresentResponse]:
+    def _representations(
+        self, tenant: str, requests: Iterator[pb.RepresentRequest], ended: threading.Event
+    ) -> Iterator[pb.RepresentResponse]:
         vocab = int(self.service.loaded.model.config.vocab_size)
         for request in requests:
             dtype = request.dtype or "float32"
             result = self.service.represent(
-                tenant, list(request.token_ids), dtype, request.log_probs, request.top_k, request.last_only
+                tenant, list(request.token_ids), dtype, request.log_probs, request.top_k, request.last_only, ended
             )
             yield encode_representation(result, dtype, request.log_probs, request.top_k, vocab)
 

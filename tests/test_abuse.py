@@ -207,16 +207,16 @@ def test_evaluate_refuses_unbounded_work(
 
 def test_a_cancelled_evaluation_stops_before_its_stream_slot_is_freed(serve, monkeypatch: pytest.MonkeyPatch) -> None:
     running = []
-    real_evaluate = owner_service.evaluate
+    real_steps = owner_service.evaluation_steps
 
     def counted(*args, **kwargs):
         running.append(1)
         try:
-            return real_evaluate(*args, **kwargs)
+            yield from real_steps(*args, **kwargs)
         finally:
             running.pop()
 
-    monkeypatch.setattr(owner_service, "evaluate", counted)
+    monkeypatch.setattr(owner_service, "evaluation_steps", counted)
     owner = serve(TenantLimits(max_streams=1))
     examples = [pb.Example(prompt=e.prompt, completion=e.completion) for e in sentiment_examples(4000)]
     with owner.remote(timeout=60) as remote:

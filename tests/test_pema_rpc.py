@@ -34,7 +34,6 @@ from offsite.common.pema.representation import (
 )
 from offsite.common.rpc import pb
 from offsite.common.wire_tensors import decode_tensor
-from offsite.owner.representations import RepresentationBatcher
 from offsite.owner.service import RepresentPolicy
 
 EXAMPLES = [
@@ -91,17 +90,6 @@ def test_bad_represent_requests_are_refused(owner: InProcessOwner, request_field
     with pytest.raises(RemoteError) as caught:
         _represent(owner, pb.RepresentRequest(**request_fields))
     assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT and message in str(caught.value)
-
-
-def test_concurrent_requests_are_batched_and_each_gets_its_own_rows(owner: InProcessOwner) -> None:
-    batcher = RepresentationBatcher(owner.service.loaded.model, batch=16, window=0.05)
-    sequences = [[3 + i] * (2 + i) for i in range(8)]
-    futures = [batcher.submit(ids) for ids in sequences]
-    results = [future.result(timeout=30) for future in futures]
-    assert batcher.batches_run < len(sequences), "eight waiting requests were not folded together"
-    alone = LocalRepresenter(owner.service.loaded.model)
-    for ids, result in zip(sequences, results, strict=True):
-        torch.testing.assert_close(result.hidden, alone.represent([ids])[0], atol=1e-5, rtol=0)
 
 
 def test_head_artifact_is_signed_and_reproduces_the_logits(owner: InProcessOwner, tmp_path: Path) -> None:
