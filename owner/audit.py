@@ -3,8 +3,9 @@
 A server interceptor wraps every handler (health and reflection included), so no RPC escapes the log. The tenant
 is known only after authentication, inside the servicer, which reports it with `note_tenant`.
 
-The log is the owner's alone (0600) and each line is fsynced before the call's status is sent. A line that cannot
-be written is reported on stderr and the RPC goes on: the audit trail must not become a way to take the service down.
+The log is the owner's alone (0600), hash-chained and rotated by size (owner/audit_chain.py), and each line is
+fsynced before the call's status is sent. A line that cannot be written is reported on stderr and the RPC goes on:
+the audit trail must not become a way to take the service down.
 
 The interceptor keeps one record per call (`Call`: request id, tenant, bytes, timing) and hands it to its observers:
 the audit log, the per-RPC log line (`RpcLog`) and the Prometheus metrics (`metrics.OwnerMetrics`) all read that
@@ -17,10 +18,8 @@ import contextvars
 import datetime
 import json
 import logging
-import os
 import secrets
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -29,8 +28,8 @@ from typing import Any
 
 import grpc
 
-AUDIT_FILE = "audit.jsonl"
-AUDIT_MODE = 0o600
+from .audit_chain import ChainedLog, Rotation
+
 REQUEST_ID_BYTES = 8  # 16 hex digits: unique enough to find one call in a day of logs
 RPC_LOGGER = "offsite.owner.rpc"
 QUIET_SERVICES = ("/grpc.health.v1.Health/",)  # probes every few seconds: logged at DEBUG, not INFO
@@ -104,9 +103,9 @@ def note_tenant(tenant: str) -> None:
 
 
 class AuditLog(CallObserver):
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, rotation: Rotation | None = None):
         self.path = path
-        self._lock = threading.Lock()
+        self._chain = ChainedLog(path, rotation)
 
     def finished(self, call: Call, status: grpc.StatusCode) -> None:
         self.write(call, status)
@@ -124,21 +123,9 @@ class AuditLog(CallObserver):
             "duration_ms": round(call.seconds * 1000, 2),
         }
         try:
-            self._append((json.dumps(line) + "\n").encode())
+            self._chain.append(line)
         except OSError as error:
             log.error("audit log %s: could not record %s for %s: %s", self.path, call.method, call.tenant, error)
-
-    def _append(self, data: bytes) -> None:
-        with self._lock:
-            descriptor = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, AUDIT_MODE)
-            try:
-                os.fchmod(descriptor, AUDIT_MODE)  # a log made before, or by hand, gets the owner-only mode too
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(descriptor, view) :]
-                os.fsync(descriptor)
-            finally:
-                os.close(descriptor)
 
 
 def _status(context: grpc.ServicerContext, failed: bool) -> grpc.StatusCode:

@@ -2,8 +2,10 @@
 
 `certs issue` adds a client certificate signed by the existing CA, so a new tenant never means a new CA; a
 certificate is withdrawn by recording its serial as revoked in the store (`certs revoke`), which the daemon checks
-on every call. Keys are ECDSA P-256 (every gRPC TLS stack accepts them), written owner-readable only. A client
-certificate's common name is the tenant's name, which is how the daemon can tell tenants apart by certificate.
+on every call. gRPC's Python TLS credentials take no CRL, so that list is what the daemon enforces; `write_crl` also
+publishes it as a standard X.509 CRL signed by the CA, for a TLS proxy in front of the daemon or any other verifier.
+Keys are ECDSA P-256 (every gRPC TLS stack accepts them), written owner-readable only. A client certificate's common
+name is the tenant's name, which is how the daemon can tell tenants apart by certificate.
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ CA_CERT = "ca.pem"
 CA_KEY = "ca.key"
 SERVER_CERT = "server.pem"
 SERVER_KEY = "server.key"
+CRL_FILE = "crl.pem"
 DEFAULT_VALID_DAYS = 365
+DEFAULT_CRL_DAYS = 30  # a verifier refuses a CRL past its next update: `certs crl` signs a fresh one
 KEY_MODE = 0o600
 CLIENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
@@ -186,11 +190,7 @@ class IssuedClient:
         }
 
 
-def issue_client(directory: Path, name: str, days: int = DEFAULT_VALID_DAYS, overwrite: bool = False) -> IssuedClient:
-    """One more client certificate (client-NAME.pem/.key in `directory`), signed by the CA already there."""
-    _check_names([name])
-    if days < 1:
-        raise CertificateError("certificates must be valid for at least one day")
+def _load_ca(directory: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     try:
         ca = x509.load_pem_x509_certificate((directory / CA_CERT).read_bytes())
         ca_key = serialization.load_pem_private_key((directory / CA_KEY).read_bytes(), password=None)
@@ -198,6 +198,15 @@ def issue_client(directory: Path, name: str, days: int = DEFAULT_VALID_DAYS, ove
         raise CertificateError(f"cannot read the CA in {directory} (run certs init first): {error}") from None
     if not isinstance(ca_key, ec.EllipticCurvePrivateKey) or ca_key.public_key() != ca.public_key():
         raise CertificateError(f"{directory / CA_KEY} is not the key of {directory / CA_CERT}")
+    return ca, ca_key
+
+
+def issue_client(directory: Path, name: str, days: int = DEFAULT_VALID_DAYS, overwrite: bool = False) -> IssuedClient:
+    """One more client certificate (client-NAME.pem/.key in `directory`), signed by the CA already there."""
+    _check_names([name])
+    if days < 1:
+        raise CertificateError("certificates must be valid for at least one day")
+    ca, ca_key = _load_ca(directory)
     cert_path = directory / client_files(name)[0]
     replaced = None
     if cert_path.exists():
@@ -207,6 +216,31 @@ def issue_client(directory: Path, name: str, days: int = DEFAULT_VALID_DAYS, ove
     ca_name = ca.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
     cert, key, serial = _write_client(directory, name, str(ca_name), ca_key, days)
     return IssuedClient(name, cert, key, serial, replaced)
+
+
+def write_crl(directory: Path, revoked: Sequence[tuple[int, datetime.datetime]], days: int = DEFAULT_CRL_DAYS) -> Path:
+    """Writes `directory`/crl.pem: every (serial, revocation time) in `revoked`, signed by the CA there."""
+    if days < 1:
+        raise CertificateError("a CRL must be valid for at least one day")
+    ca, ca_key = _load_ca(directory)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca.subject)
+        .last_update(now)
+        .next_update(now + datetime.timedelta(days=days))
+        .add_extension(x509.CRLNumber(int(now.timestamp() * 1000)), critical=False)  # grows with each CRL signed
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+    )
+    for serial, when in revoked:
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(when).build()
+        )
+    crl = builder.sign(ca_key, hashes.SHA256())
+    path, partial = directory / CRL_FILE, directory / f"{CRL_FILE}.partial"
+    partial.write_bytes(crl.public_bytes(serialization.Encoding.PEM))
+    os.replace(partial, path)  # a reader sees the old CRL or the new one, never half of one
+    return path
 
 
 def certificate_serial(pem: bytes) -> int:

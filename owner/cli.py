@@ -17,8 +17,10 @@ from ..common.cli_output import emit, fail, quiet_libraries
 from ..common.contract import DEFAULT_MODEL, MiB
 from ..common.examples import DataError, read_jsonl
 from ..common.model_loading import ModelNotFound, fingerprint, load_model
-from .audit import AUDIT_FILE, CallObserver, RpcLog, configure_logging
+from .audit import CallObserver, RpcLog, configure_logging
+from .audit_chain import AUDIT_FILE, Head, Rotation, verify_audit
 from .certificates import (
+    DEFAULT_CRL_DAYS,
     DEFAULT_VALID_DAYS,
     KEY_MODE,
     CertificateError,
@@ -26,6 +28,7 @@ from .certificates import (
     init_certificates,
     issue_client,
     parse_serial,
+    write_crl,
 )
 from .config import OPTIONS_BY_KEY, Effective, add_serve_arguments, check_file, read_file, resolve, to_toml
 from .emulator import BUILDERS, EmulatorSpec, build_emulator
@@ -147,7 +150,7 @@ def _start_metrics(metrics: OwnerMetrics, host: str, port: int) -> MetricsEndpoi
 def cmd_serve(args: argparse.Namespace) -> None:
     args = serve_settings(args).namespace()
     configure_logging(args.log_format, args.log_level)
-    store = Store(Path(args.store))
+    store = Store(Path(args.store), exclusive=True)  # before recover: it sweeps what it takes for crash leftovers
     removed = store.recover()
     if removed:
         log.info("recovered the store: removed %d leftover(s) of interrupted writes", len(removed))
@@ -176,7 +179,15 @@ def cmd_serve(args: argparse.Namespace) -> None:
         endpoint = _start_metrics(metrics, args.metrics_host, args.metrics_port)  # a taken port fails before serving
     tls = _server_tls(args)
     try:
-        server, port = start_server(service, store, args.listen, insecure=args.insecure, tls=tls, observers=observers)
+        server, port = start_server(
+            service,
+            store,
+            args.listen,
+            insecure=args.insecure,
+            tls=tls,
+            observers=observers,
+            audit_rotation=Rotation(args.audit_max_mib * MiB, args.audit_keep),
+        )
     except BaseException:
         if endpoint:
             endpoint.close()
@@ -359,13 +370,32 @@ def cmd_certs_revoke(args: argparse.Namespace) -> None:
     if bool(args.cert) == bool(args.serial):
         raise ValueError("certs revoke needs exactly one of --cert or --serial")
     serial = certificate_serial(Path(args.cert).read_bytes()) if args.cert else parse_serial(args.serial)
-    added = Store(Path(args.store)).revoke_certificate(serial)
+    store = Store(Path(args.store))
+    added = store.revoke_certificate(serial)
+    crl = write_crl(Path(args.dir), store.revoked_certificates()) if args.dir else None
     emit(
-        {"ok": True, "serial": f"{serial:x}", "already_revoked": not added},
+        {"ok": True, "serial": f"{serial:x}", "already_revoked": not added, "crl": str(crl) if crl else None},
         args.json,
         f"certificate serial {serial:x} {'is now' if added else 'was already'} revoked; a running daemon refuses it "
-        "from the next call on",
+        "from the next call on" + (f"; CRL written to {crl}" if crl else ""),
     )
+
+
+def cmd_certs_crl(args: argparse.Namespace) -> None:
+    revoked = Store(Path(args.store)).revoked_certificates()
+    crl = write_crl(Path(args.dir), revoked, args.days)
+    emit(
+        {"ok": True, "crl": str(crl), "revoked": len(revoked), "days": args.days},
+        args.json,
+        f"wrote {crl}: {len(revoked)} revoked serial(s), signed by the CA in {args.dir}, valid {args.days} day(s)",
+    )
+
+
+def cmd_audit_verify(args: argparse.Namespace) -> None:
+    verification = verify_audit(Path(args.store), Head.parse(args.expect) if args.expect else None)
+    emit(verification.as_dict(), args.json, verification.summary())
+    if not verification.ok:
+        sys.exit(1)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -438,8 +468,31 @@ def parser() -> argparse.ArgumentParser:
     certs_revoke.add_argument("--store", required=True)
     certs_revoke.add_argument("--cert", help="the certificate file (PEM) to revoke")
     certs_revoke.add_argument("--serial", help="or its serial, in hex as certs issue prints it")
+    certs_revoke.add_argument("--dir", help="the certs init directory: also write its crl.pem, signed by its CA")
     certs_revoke.add_argument("--json", action="store_true")
     certs_revoke.set_defaults(handler=cmd_certs_revoke)
+    certs_crl = certs.add_parser("crl", help="write crl.pem anew (every revoked serial), before the old one expires")
+    certs_crl.add_argument("--store", required=True)
+    certs_crl.add_argument("--dir", required=True, help="the certs init directory (ca.pem, ca.key); output goes there")
+    certs_crl.add_argument("--days", type=int, default=DEFAULT_CRL_DAYS, help="until the CRL's next update")
+    certs_crl.add_argument("--json", action="store_true")
+    certs_crl.set_defaults(handler=cmd_certs_crl)
+
+    audit = commands.add_parser("audit", help="the audit log").add_subparsers(dest="action", required=True)
+    audit_verify = audit.add_parser(
+        "verify", help="check the audit log's hash chain; exit 1 at the first edited, removed or cut line"
+    )
+    audit_verify.add_argument(
+        "--store",
+        default=os.environ.get("OFFSITE_STORE"),
+        required="OFFSITE_STORE" not in os.environ,
+        help="the store (default $OFFSITE_STORE)",
+    )
+    audit_verify.add_argument(
+        "--expect", metavar="SEQ:SHA256", help="a line an earlier verify printed, kept elsewhere: it must still be here"
+    )
+    audit_verify.add_argument("--json", action="store_true")
+    audit_verify.set_defaults(handler=cmd_audit_verify)
 
     tenants = commands.add_parser("tenants", help="manage tenants").add_subparsers(dest="action", required=True)
     for action, help_text, handler in (

@@ -29,6 +29,7 @@ from ..common.contract import (
     MAX_TOP_K,
     MiB,
 )
+from .audit_chain import DEFAULT_KEEP, DEFAULT_MAX_MIB
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -79,6 +80,11 @@ def _check_port(value: int) -> None:
 def _check_not_negative(value: int) -> None:
     if value < 0:
         raise ValueError(f"{value} is negative (0 turns the budget off)")
+
+
+def _check_count(value: int) -> None:
+    if value < 0:
+        raise ValueError(f"{value} is negative")
 
 
 def _check_positive(value: float) -> None:
@@ -181,6 +187,14 @@ SERVE_OPTIONS: tuple[Option, ...] = (
         "the sliding window of represent_token_budget, in seconds",
         check=_check_positive,
     ),
+    Option(
+        "audit_max_mib",
+        int,
+        DEFAULT_MAX_MIB,
+        "rotate audit.jsonl to audit.jsonl.1 when it would pass this many MiB (0: never)",
+        check=_check_count,
+    ),
+    Option("audit_keep", int, DEFAULT_KEEP, "rotated audit files kept (.1 is the newest)", check=_check_count),
     Option("tls_cert", str, None, "TLS: the server certificate (PEM), e.g. certs/server.pem", path=True),
     # the path only, but `config show` output gets pasted into tickets: it need not point at the key
     Option("tls_key", str, None, "TLS: its private key (PEM)", path=True, secret=True),

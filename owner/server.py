@@ -14,7 +14,8 @@ from grpc_reflection.v1alpha import reflection
 
 from ..common.contract import MAX_MESSAGE_BYTES
 from ..common.rpc import pb, pb_grpc
-from .audit import AUDIT_FILE, AuditInterceptor, AuditLog, CallObserver
+from .audit import AuditInterceptor, AuditLog, CallObserver
+from .audit_chain import AUDIT_FILE, Rotation
 from .limits import ServerLimits
 from .service import OwnerService
 from .servicer import OwnerServicer
@@ -60,6 +61,7 @@ def start_server(
     tls: ServerTls | None = None,
     limits: ServerLimits | None = None,
     observers: Sequence[CallObserver] = (),
+    audit_rotation: Rotation | None = None,
 ) -> tuple[grpc.Server, int]:
     """Starts serving on `listen` (HOST:PORT; port 0 picks a free one) and returns the server and port.
 
@@ -73,7 +75,7 @@ def start_server(
         )
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=limits.workers),
-        interceptors=[AuditInterceptor(AuditLog(store.root / AUDIT_FILE), observers)],
+        interceptors=[AuditInterceptor(AuditLog(store.root / AUDIT_FILE, audit_rotation), observers)],
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),

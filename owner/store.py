@@ -6,6 +6,7 @@ crash at any point leaves either no trace or a complete adapter; `recover` sweep
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import hmac
 import os
@@ -52,6 +53,7 @@ STORE_UMASK = 0o077  # the daemon's files (tenants' adapters, the registry, the 
 DIRECTORY_MODE = 0o700
 FILE_MODE = 0o600
 REGISTRY_FILE = "registry.sqlite"
+LOCK_FILE = ".lock"
 HASH_BLOCK_BYTES = 1 << 20
 
 
@@ -111,17 +113,51 @@ def fsync_directory(path: Path) -> None:
         os.close(fd)
 
 
-class Store:
+class StoreInUse(OSError):
+    """Another process holds the store's lock: a second daemon on it would sweep the first one's uploads away."""
+
+
+class StoreLock:
+    """An advisory lock (flock) on `<store>/.lock`, which holds the holder's pid; the kernel drops it if it dies."""
+
     def __init__(self, root: Path):
+        path = root / LOCK_FILE
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT, FILE_MODE)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(descriptor, 32, 0).decode("ascii", "replace").strip() or "unknown"
+            os.close(descriptor)
+            raise StoreInUse(
+                f"the store {root} is in use by another offsite-owner serve (pid {holder}); "
+                "stop it, or give this daemon another --store"
+            ) from None
+        os.ftruncate(descriptor, 0)
+        os.pwrite(descriptor, f"{os.getpid()}\n".encode(), 0)
+        self._descriptor: int | None = descriptor
+
+    def release(self) -> None:
+        if self._descriptor is None:
+            return
+        os.ftruncate(self._descriptor, 0)  # no stale pid for the next holder's error message to name
+        os.close(self._descriptor)  # closing the descriptor releases the flock
+        self._descriptor = None
+
+
+class Store:
+    def __init__(self, root: Path, exclusive: bool = False):
         """Opens (or makes) the store; it and its registry are readable by the owner only, whatever the umask.
 
-        Files written into it later follow the process's umask: `offsite-owner` sets STORE_UMASK.
+        Files written into it later follow the process's umask: `offsite-owner` sets STORE_UMASK. `exclusive`
+        (the daemon) holds the store lock until `close`, or raises StoreInUse naming the holder's pid. Admin
+        commands do not take it: SQLite's own locking orders their writes with the daemon's.
         """
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
         for directory in (root, *(root / sub for sub in ("tmp", "adapters", "emulators", "models"))):
             directory.mkdir(exist_ok=True)
             directory.chmod(DIRECTORY_MODE)
+        self._store_lock = StoreLock(root) if exclusive else None
         registry = root / REGISTRY_FILE
         registry.touch(mode=FILE_MODE)
         registry.chmod(FILE_MODE)  # SQLite gives its -wal and -shm files the database's mode
@@ -194,6 +230,12 @@ class Store:
                 "INSERT OR IGNORE INTO revoked_certificates VALUES (?, ?)", (f"{serial:x}", _now())
             )
         return cursor.rowcount == 1
+
+    def revoked_certificates(self) -> list[tuple[int, datetime]]:
+        """Every revoked serial with when it was revoked, oldest first."""
+        with self._lock:
+            rows = self._db.execute("SELECT serial, revoked FROM revoked_certificates ORDER BY revoked").fetchall()
+        return [(int(serial, 16), datetime.fromisoformat(revoked)) for serial, revoked in rows]
 
     def is_revoked(self, serial: int) -> bool:
         with self._lock:
@@ -331,6 +373,8 @@ class Store:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+            if self._store_lock is not None:
+                self._store_lock.release()
 
 
 def new_record(tenant: str, adapter_id: str, method: str, emulator: str, size: int, parameters: int) -> AdapterRecord:

@@ -234,11 +234,8 @@ def test_every_rpc_is_audited_without_payloads(owner: InProcessOwner, trained: P
     assert by_method["Generate"]["bytes_out"] > 0 and by_method["Generate"]["status"] == "OK"
     refused = by_method["ListAdapters"]
     assert refused["status"] == "UNAUTHENTICATED" and refused["tenant"] is None
-    assert all(
-        set(line)
-        == {"time", "request_id", "tenant", "method", "peer", "bytes_in", "bytes_out", "status", "duration_ms"}
-        for line in lines
-    )
+    metadata = {"time", "request_id", "tenant", "method", "peer", "bytes_in", "bytes_out", "status", "duration_ms"}
+    assert all(set(line) == {"seq", "prev", *metadata} for line in lines)  # seq and prev: the hash chain
     text = (owner.store.root / "audit.jsonl").read_text()
     assert owner.token not in text and "ofs_not_a_token" not in text and "Review: fine" not in text
 
