@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Sequence
 from concurrent import futures
 from dataclasses import dataclass
@@ -12,6 +11,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from ..common.addresses import is_loopback
 from ..common.contract import MAX_MESSAGE_BYTES
 from ..common.rpc import pb, pb_grpc
 from .audit import AuditInterceptor, AuditLog, CallObserver
@@ -41,16 +41,6 @@ class ServerTls:
         except OSError as error:
             raise BindRefused(f"cannot read a TLS file: {error}") from None
         return grpc.ssl_server_credentials([pair], root_certificates=root, require_client_auth=root is not None)
-
-
-def is_loopback(listen: str) -> bool:
-    host = listen.rsplit(":", 1)[0].strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def start_server(
