@@ -32,13 +32,15 @@ from .certificates import (
 )
 from .config import OPTIONS_BY_KEY, Effective, add_serve_arguments, check_file, read_file, resolve, to_toml
 from .emulator import BUILDERS, EmulatorSpec, build_emulator
+from .emulator.distill import DEFAULT_TOKENS, DistillConfig
 from .emulator.layout import LayoutError
 from .emulator.placement import PLACEMENTS
+from .export import export_adapter
 from .limits import TenantLimits
 from .metrics import MetricsEndpoint, OwnerMetrics, serve_metrics
 from .server import BindRefused, ServerTls, start_server
 from .service import OwnerService, RepresentPolicy
-from .store import STORE_UMASK, Store
+from .store import REGISTRY_FILE, STORE_UMASK, Store
 
 SHUTDOWN_GRACE_SECONDS = 10.0
 SECRET_MODE = KEY_MODE  # a token file is as secret as a key
@@ -278,6 +280,27 @@ def cmd_build_emulator(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    if not (Path(args.store) / REGISTRY_FILE).is_file():
+        raise ValueError(f"{args.store} is not an offsite store (it has no {REGISTRY_FILE}); check --store")
+    manifest = export_adapter(Store(Path(args.store)), args.adapter_id, Path(args.out), args.model, args.tenant)
+    files = manifest["files"]
+    size = sum(entry["size"] for entry in files.values())
+    emit(
+        {
+            "ok": True,
+            "out": args.out,
+            **{key: manifest[key] for key in ("adapter_id", "tenant", "method", "base_model", "base_fingerprint")},
+            "files": sorted(files),
+            "bytes": size,
+        },
+        args.json,
+        f"exported adapter {manifest['adapter_id']} ({manifest['method']}, tenant {manifest['tenant']}) merged into "
+        f"{manifest['base_model']} to {args.out}: {len(files)} files, {size / MiB:,.1f} MiB. "
+        "Load it with AutoModelForCausalLM.from_pretrained, lm_eval --model hf or vllm serve.",
+    )
+
+
 def _hand_over(args: argparse.Namespace, name: str, token: str, verb: str) -> None:
     """Gives a new token to the owner: into --token-file (0600), or on stdout once; in --json only if asked."""
     result: dict[str, object] = {"ok": True, "tenant": name}
@@ -434,8 +457,15 @@ def parser() -> argparse.ArgumentParser:
     build.add_argument("--model", default=DEFAULT_MODEL)
     build.add_argument("--method", default="uniform", choices=sorted(BUILDERS))
     build.add_argument("--layout", required=True, help="L-N-R, e.g. 2-8-2")
-    build.add_argument("--steps", type=int, help="distill: training steps (default 200)")
-    build.add_argument("--data", help="distill: the owner's public text file (default: shipped WikiText-2 valid)")
+    build.add_argument(
+        "--steps",
+        type=int,
+        help=f"distill: training steps (default {DistillConfig().with_tokens(DEFAULT_TOKENS).steps}: "
+        f"{DEFAULT_TOKENS:,} tokens)",
+    )
+    build.add_argument(
+        "--data", help="distill: the owner's public text file (default: the shipped Project Gutenberg novels)"
+    )
     build.add_argument(
         "--place",
         choices=PLACEMENTS,
@@ -444,6 +474,14 @@ def parser() -> argparse.ArgumentParser:
     build.add_argument("--out", required=True)
     build.add_argument("--store", required=True, help="the store whose key signs the bundle")
     build.set_defaults(handler=cmd_build_emulator)
+
+    export = add("export", "merge a stored adapter into the full model, as a plain Hugging Face model directory")
+    export.add_argument("--adapter-id", required=True, help="the id `offsite push` printed")
+    export.add_argument("--out", required=True, help="a new or empty directory; an earlier export there is replaced")
+    export.add_argument("--store", required=True)
+    export.add_argument("--model", default=DEFAULT_MODEL, help="the MODEL the daemon serves (default %(default)s)")
+    export.add_argument("--tenant", help="whose adapter, needed only when several tenants pushed the same one")
+    export.set_defaults(handler=cmd_export)
 
     certs = commands.add_parser("certs", help="TLS certificates").add_subparsers(dest="action", required=True)
     certs_init = certs.add_parser("init", help="make a CA, a server certificate and client certificates")
