@@ -38,6 +38,7 @@ from .emulator.placement import PLACEMENTS
 from .export import export_adapter
 from .limits import TenantLimits
 from .metrics import MetricsEndpoint, OwnerMetrics, serve_metrics
+from .model_queue import ModelQueue
 from .server import BindRefused, ServerTls, start_server
 from .service import OwnerService, RepresentPolicy
 from .store import REGISTRY_FILE, STORE_UMASK, Store
@@ -169,13 +170,14 @@ def cmd_serve(args: argparse.Namespace) -> None:
         release_margin=args.release_margin,
         limits=limits,
         represent_policy=represent_policy(args),
+        model_queue=ModelQueue(args.model_workers, args.model_queue_per_tenant, args.model_queue_total),
     )
     if store.tenant_count() == 0:
         log.warning("no tenants yet; add one with: offsite-owner tenants add NAME --store %s", args.store)
     observers: list[CallObserver] = [RpcLog()]
     endpoint = None
     if args.metrics_port:
-        metrics = OwnerMetrics(store)
+        metrics = OwnerMetrics(store, model_queue=service.model_queue)
         metrics.offer({emulator_id: e.bytes for emulator_id, e in service.emulators.items()})
         observers.append(metrics)
         endpoint = _start_metrics(metrics, args.metrics_host, args.metrics_port)  # a taken port fails before serving

@@ -30,6 +30,7 @@ from ..common.contract import (
     MiB,
 )
 from .audit_chain import DEFAULT_KEEP, DEFAULT_MAX_MIB
+from .limits import MODEL_QUEUE_PER_TENANT, MODEL_QUEUE_TOTAL, MODEL_WORKERS
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -85,6 +86,11 @@ def _check_not_negative(value: int) -> None:
 def _check_count(value: int) -> None:
     if value < 0:
         raise ValueError(f"{value} is negative")
+
+
+def _check_at_least_one(value: int) -> None:
+    if value < 1:
+        raise ValueError(f"{value} is less than 1")
 
 
 def _check_positive(value: float) -> None:
@@ -156,6 +162,22 @@ SERVE_OPTIONS: tuple[Option, ...] = (
     Option("max_adapters", int, MAX_ADAPTERS_PER_TENANT, "adapters per tenant"),
     Option("max_tenant_mib", int, MAX_TENANT_BYTES // MiB, "adapter MiB a tenant may store"),
     Option("max_streams", int, MAX_STREAMS_PER_TENANT, "concurrent streaming calls per tenant"),
+    # The model queue (owner/model_queue.py): forwards run there in turns, off the threads that answer small calls
+    Option("model_workers", int, MODEL_WORKERS, "threads running model forwards", check=_check_at_least_one),
+    Option(
+        "model_queue_per_tenant",
+        int,
+        MODEL_QUEUE_PER_TENANT,
+        "model calls (Represent, Evaluate, Generate) a tenant may have queued or running; more: RESOURCE_EXHAUSTED",
+        check=_check_at_least_one,
+    ),
+    Option(
+        "model_queue_total",
+        int,
+        MODEL_QUEUE_TOTAL,
+        "model calls queued or running, all tenants together",
+        check=_check_at_least_one,
+    ),
     # The representation policy (finding 10 of issue 16): what Represent and the head artifact give a tenant
     Option("represent", bool, True, "serve Represent, the full model's final-layer states (--no-represent: off)"),
     Option("head_artifact", bool, True, "offer the LM head and final norm for pull (--no-head-artifact: off)"),
