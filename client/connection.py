@@ -76,7 +76,8 @@ class Remote:
         token = token or os.environ.get(TOKEN_ENVIRONMENT)
         if not token and not (tls and tls.cert):
             raise ValueError(
-                f"no tenant token: set {TOKEN_ENVIRONMENT}, or pass --token-file or --token (or present --cert/--key)"
+                f"no tenant token: set {TOKEN_ENVIRONMENT}, pass --token-file or --token, or give the server a "
+                "token_file (offsite servers add NAME ADDRESS --token-file FILE); or present --cert/--key"
             )
         if insecure and tls is not None:
             raise ValueError("--insecure turns TLS off; it cannot go with --ca, --cert or --key")

@@ -21,6 +21,7 @@ import numpy as np
 from ..common import confidence
 from ..common.contract import DEFAULT_MODEL
 from ..owner.store import Store
+from .config import CONFIG_ENVIRONMENT, CONFIG_NAME
 
 MiB = 1024 * 1024
 READY_TIMEOUT_SECONDS = 1800  # a distilled emulator is built before the daemon is ready
@@ -116,7 +117,7 @@ def run_demo(args: argparse.Namespace) -> None:
     store = workdir / "owner-store"
     token = Store(store).add_tenant(f"demo-{int(time.time())}")
     # The demo's client config (its trust-on-first-use record of the owner key) stays in the work directory.
-    env = dict(os.environ, OFFSITE_TOKEN=token, OFFSITE_HOME=str(workdir / "client-config"))
+    env = dict(os.environ, OFFSITE_TOKEN=token, **{CONFIG_ENVIRONMENT: str(workdir / "client-config" / CONFIG_NAME)})
     offsite = [sys.executable, "-m", "offsite.client"]
     say = (lambda text: print(text, file=sys.stderr, flush=True)) if args.json else print
 

@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import tiny_models  # noqa: E402
 
+from offsite.client.config import CONFIG_ENVIRONMENT, ENVIRONMENT, HOME_ENVIRONMENT  # noqa: E402
 from offsite.client.connection import Remote  # noqa: E402
 from offsite.common.examples import Example  # noqa: E402
 from offsite.common.model_loading import load_model  # noqa: E402
@@ -33,9 +34,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(autouse=True)
 def client_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Each test's client config (pinned owner keys) lives in its own directory, never in the real home."""
+    """Each test's client config (servers, pinned owner keys) lives in its own directory, never in the real home,
+    and no OFFSITE_* client variable of the shell running the tests leaks in."""
     home = tmp_path / "client-home"
-    monkeypatch.setenv("OFFSITE_HOME", str(home))
+    monkeypatch.setenv(HOME_ENVIRONMENT, str(home))
+    for variable in (CONFIG_ENVIRONMENT, *ENVIRONMENT.values()):
+        monkeypatch.delenv(variable, raising=False)
     return home
 
 

@@ -1,0 +1,140 @@
+"""`eval` and `generate`: scoring and generating, on the owner's full model or on the emulator here."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from ...common.cli_output import emit
+from ...common.examples import read_jsonl
+from ...common.rpc import pb
+from ..connection import Remote
+from ..evaluation import evaluate_local, evaluate_remote
+from ..pema_generation import generate_remote_pema
+from . import Commands, add_command
+from .remote import add_remote_flags, connect, target
+
+
+def _format_report(report: dict[str, Any]) -> str:
+    accuracy = report["accuracy"]
+    parts = [f"{report['examples']} examples", f"loss {report['loss']:.4f}", f"perplexity {report['perplexity']:.3f}"]
+    if report.get("scored_choices"):
+        parts.append(f"accuracy {accuracy:.4f} ({report['scored_choices']} with choices)")
+    return f"{report['where']}: " + ", ".join(parts) + f" in {report['seconds']:.1f} s"
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    examples = read_jsonl(Path(args.data), args.limit)
+    if args.server:  # only an explicit --server: a configured default never sends examples on its own
+        if args.emulator or args.adapter:
+            raise ValueError("use --server [--adapter-id] or --emulator [--adapter], not both")
+        if not args.yes:
+            raise ValueError(
+                f"--server sends every prompt, completion and choice of the {len(examples)} examples to the owner, "
+                "who could read them. Pass --yes to agree, or evaluate here with --emulator DIR."
+            )
+        print(f"sending {len(examples)} examples to {args.server}", file=sys.stderr)
+        with connect(target(args)) as remote:
+            report = evaluate_remote(remote, examples, args.adapter_id or "", args.batch_size)
+    elif args.emulator:
+        if args.adapter_id:
+            raise ValueError("--adapter-id needs --server; locally use --adapter DIR")
+        report = evaluate_local(
+            Path(args.emulator),
+            examples,
+            Path(args.adapter) if args.adapter else None,
+            args.owner_key,
+            args.batch_size or 16,
+        )
+    else:
+        raise ValueError("give --server ADDR (the owner's full model) or --emulator DIR (local)")
+    emit({"ok": True, **report}, args.json, _format_report(report))
+
+
+def _check_generate_method(args: argparse.Namespace, remote: Remote) -> None:
+    """`--method` states what the adapter is; a mismatch is refused before any token is generated."""
+    if not args.method:
+        return
+    if args.adapter and args.method != "pema":
+        raise ValueError(
+            f"--adapter generates here with a PEMA bundle; --method {args.method} runs on the owner: "
+            "push the adapter and pass --adapter-id"
+        )
+    if args.adapter_id:
+        stored = {info.adapter_id: info.method for info in remote.list_adapters().adapters}
+        if args.adapter_id not in stored:
+            raise ValueError(f"no adapter {args.adapter_id} of yours on the owner (offsite adapters list)")
+        if stored[args.adapter_id] != args.method:
+            raise ValueError(f"adapter {args.adapter_id} is a {stored[args.adapter_id]} adapter, not {args.method}")
+    elif not args.adapter:
+        raise ValueError(f"--method {args.method} needs --adapter-id ID (on the owner) or --adapter DIR (PEMA, here)")
+
+
+def _pieces(args: argparse.Namespace, remote: Remote) -> Iterator[str]:
+    _check_generate_method(args, remote)
+    if args.adapter:  # PEMA here, the owner's model through Represent
+        if not args.head:
+            raise ValueError("--adapter (a local PEMA bundle) needs --head DIR")
+        steps = generate_remote_pema(
+            remote, Path(args.adapter), Path(args.head), args.prompt, args.max_new_tokens, args.planned_length
+        )
+        return (text for _, text in steps)
+    request = pb.GenerateRequest(
+        adapter_id=args.adapter_id or "",
+        prompt=args.prompt,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        seed=args.seed,
+        planned_length=args.planned_length or 0,
+    )
+    return (event.text for event in remote.generate(request) if event.text)
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    pieces: list[str] = []
+    with connect(target(args)) as remote:
+        for piece in _pieces(args, remote):
+            pieces.append(piece)
+            if not args.json:
+                print(piece, end="", flush=True)
+    if not args.json:
+        print()
+    text = "".join(pieces)
+    if args.json:
+        emit({"ok": True, "text": text, "adapter_id": args.adapter_id or ""}, True, text)
+
+
+def register(commands: Commands) -> None:
+    evaluate = add_command(commands, "eval", "evaluate on the owner's full model, or locally on the emulator")
+    add_remote_flags(evaluate, "evaluate on this owner: a server NAME from the client config or HOST:PORT")
+    evaluate.add_argument("--adapter-id", help="a pushed adapter (with --server)")
+    evaluate.add_argument("--emulator", help="evaluate locally on this emulator")
+    evaluate.add_argument("--adapter", help="a local adapter directory (with --emulator)")
+    evaluate.add_argument("--data", required=True)
+    evaluate.add_argument("--limit", type=int)
+    evaluate.add_argument("--batch-size", type=int, default=0)
+    evaluate.add_argument("--owner-key")
+    evaluate.add_argument("--yes", action="store_true", help="with --server: agree to send the examples to the owner")
+    evaluate.set_defaults(handler=cmd_eval)
+
+    generate = add_command(commands, "generate", "generate with the owner's model and an adapter")
+    add_remote_flags(generate)
+    generate.add_argument("--adapter-id")
+    generate.add_argument(
+        "--method", choices=["lora", "full", "pema"], help="what the adapter is; checked before generating"
+    )
+    generate.add_argument("--prompt", required=True)
+    generate.add_argument("--max-new-tokens", type=int, default=64)
+    generate.add_argument("--temperature", type=float, default=0.0)
+    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument(
+        "--adapter", help="a local PEMA bundle: generate here, asking the owner only for f(x) and P_LM each step"
+    )
+    generate.add_argument("--head", help="with --adapter: the pulled head")
+    generate.add_argument(
+        "--planned-length", type=int, help="PEMA: L of Gradual Unrolling (default: --max-new-tokens, never the answer)"
+    )
+    generate.set_defaults(handler=cmd_generate)
