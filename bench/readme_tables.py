@@ -72,7 +72,7 @@ def transfer_table() -> str:
 
 def transfer_targets() -> str:
     report = _load("transfer.json")
-    lines = ["| target | measured | met |", "|---|---|---|"]
+    lines = ["| target | over | measured | met |", "|---|---|---|---|"]
     for target in report["targets"]:
         value = target["value"]
         if "mean" in value and "ratio" not in target["target"] and "0.7" not in target["target"]:
@@ -81,7 +81,8 @@ def transfer_targets() -> str:
             shown = f"{value['mean']:.2f} [{value['ci_low']:.2f}, {value['ci_high']:.2f}]"
         else:
             shown = ", ".join(f"{k}: {v}" for k, v in value.items())
-        lines.append(f"| {target['target']} | {shown} | {'yes' if target['met'] else 'no'} |")
+        over = ", ".join(target.get("tasks", [])) or "every task with the rows"
+        lines.append(f"| {target['target']} | {over} | {shown} | {'yes' if target['met'] else 'no'} |")
     return "\n".join(lines)
 
 
