@@ -1,36 +1,37 @@
-"""PEMA on SmolLM2: Multi30k English→German and E2E NLG data-to-text, sacreBLEU; PEMA's training cost against LoRA.
+"""PEMA on SmolLM2 against fair baselines: E2E NLG data-to-text and Multi30k English→German, sacreBLEU and chrF.
 
-Rows of each task, all trained on the same examples, decoded greedily on the same test inputs with the same
-`max_new_tokens`:
-- zero-shot: the full model as it is;
-- PEMA, constant λ: trained on the owner's representations (what `Represent` serves), λ = λ_max at every step;
-- PEMA, Gradual Unrolling: the same adapter, λ = (λ_max − t·λ_max/L)² with L = max_new_tokens (never the
-  reference length, which the released PEMA code uses and which leaks the answer);
-- hybrid PEMA: trained on the emulator's representations (nothing left the data owner), applied with GU;
-- LoRA on the emulator, plugged into the full model (the spine's offsite-tuning).
+Every row trains on the same examples and decodes the same test prompts with the one token loop
+(common/generation), greedily, stopping on end-of-text or a newline, with the same `max_new_tokens`:
+- zero_shot: the full model as it is;
+- pema_constant, pema_gu, pema_gate: one PEMA adapter trained on the owner's representations (what `Represent`
+  serves), run with λ = λ_max, with Gradual Unrolling (L predicted from the prompt by the adapter), and with the
+  learned gate;
+- pema_gu_oracle_length: the same, with L the reference's length: an upper bound that leaks the answer, marked so;
+- hybrid: PEMA trained on a memory the pulled emulator built on the data owner's machine, through the owner's
+  bridge (owner/emulator/bridge.py, fitted here on the owner's public text), run on the full model's states with
+  GU, as pema_gu is; hybrid_no_bridge: the same without the bridge (first seed only);
+- lora_emulator_plug_in: LoRA trained on the emulator and plugged into the full model (offsite-tuning);
+- lora_full: the ceiling, LoRA on every block of the full model, same recipe.
+The PEMA rank is chosen per task on the memory's held-out examples (never the test split). Each trained row runs
+with `--seeds`; intervals resample seeds and test inputs (common/confidence.py) over sacreBLEU's sufficient
+statistics, and two rows are compared paired on the same inputs.
 
-Translation trains on the first `--train` Multi30k pairs and tests on `test_2016_flickr`. Data-to-text trains on
-`--e2e-train` (meaning representation, reference) rows drawn from E2E's `devset.csv` and tests on every distinct
-input of `testset_w_refs.csv` against all of its references.
+Every cell (task × row × seed) is cached in bench/results/pema_cells/ with its outputs; rerunning skips what is
+done, so the benchmark runs in pieces. `--report` rebuilds bench/results/pema.{json,md,png} from the cells.
 
-It runs in process: `Represent` returns exactly an in-process forward (tests/test_pema_rpc.py), so the wire changes
-no number here. Decoding runs `--batch` prompts at a time with left padding and a KV cache; the PEMA rows apply the
-same `mix`/`unrolling_lambda` as `generate_pema` to the whole batch, whose rows share the step index.
-Efficiency: PEMA training (both phases, on the translation memory) against LoRA on every block of the full model,
-same pairs, each in its own process so that its peak RSS is its own.
-
-    python bench/pema.py --emulator runs/x/owner-store/emulators/<fp>/distill-2-8-2
-
-writes bench/results/pema.{json,md}.
+    python bench/pema.py --tasks e2e --seeds 0            # one piece
+    python bench/pema.py --report                         # tables, targets and plot from every cell
+    python bench/pema.py --smoke                          # tiny model, seconds (the test suite runs it)
 """
 
 from __future__ import annotations
 
 import argparse
-import multiprocessing
+import copy
+import hashlib
+import json
 import platform
 import random
-import resource
 import sys
 import tempfile
 import time
@@ -40,42 +41,64 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import sacrebleu
 import torch
-from tqdm import tqdm
+from sacrebleu.metrics import BLEU, CHRF
 
 from offsite.client.local_model import load_emulator
-from offsite.client.training import lora as lora_training
-from offsite.client.training import train_adapter
+from offsite.client.training import lora, train_adapter
 from offsite.client.training.config import TrainConfig
 from offsite.client.training.loop import fit
-from offsite.common.architectures import blocks, spec_for
+from offsite.common import confidence as stats
+from offsite.common.architectures import depth, spec_for
+from offsite.common.bridge import Bridge, BridgedRepresenter
 from offsite.common.contract import DEFAULT_MODEL
 from offsite.common.examples import Example, encode, tokenize_for_training
-from offsite.common.model_loading import ensure_pad_token, load_model
+from offsite.common.generation.loop import complete, model_policy
+from offsite.common.generation.sampling import SamplingConfig
+from offsite.common.generation.steppers import LocalStepper
+from offsite.common.model_loading import ensure_pad_token, fingerprint, load_model
 from offsite.common.pema.adapter import PemaAdapter
-from offsite.common.pema.config import CONSTANT, GRADUAL, PemaConfig
+from offsite.common.pema.bundle import load_pema, save_pema
+from offsite.common.pema.config import CONSTANT, GATE, GRADUAL, PemaConfig
 from offsite.common.pema.head import Head
 from offsite.common.pema.memory import Memory
+from offsite.common.pema.policy import pema_policy
 from offsite.common.pema.representation import LocalRepresenter, build_memory, teacher_forcing
 from offsite.common.pema.training import train_pema
-from offsite.common.pema.unrolling import mix, unrolling_lambda
-from offsite.common.scoring import causal_model
 from offsite.owner.adapters.plugin import plug
+from offsite.owner.emulator import EmulatorSpec, build_emulator
+from offsite.owner.emulator.bridge import build_bridge
+from offsite.owner.store import Store
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cells import Cells  # noqa: E402
 from results_files import write_results  # noqa: E402
 from shared_data import E2E_PROMPT, TRANSLATION_PROMPT, e2e, multi30k  # noqa: E402
+from transfer import load_recipe  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "pema"
-
-# (step index, f(x) of every row, log P_LM of every row) -> the next token of every row
-Chooser = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
+CELLS = ROOT / "bench" / "results" / "pema_cells"
+ROWS = (
+    "zero_shot",
+    "pema_constant",
+    "pema_gu",
+    "pema_gate",
+    "pema_gu_oracle_length",
+    "hybrid",
+    "hybrid_no_bridge",
+    "lora_emulator_plug_in",
+    "lora_full",
+)
+PEMA_ROWS = {"pema_constant": CONSTANT, "pema_gu": GRADUAL, "pema_gate": GATE}
+RANKS = (64, 128, 256)  # the bottleneck sweep; d = 576 on SmolLM2-135M
+STOP = ("\n",)  # every task answers in one line
+DEFAULT_EMULATOR = "distill:2-8-2"
 
 
 @dataclass(frozen=True)
 class Task:
+    slug: str
     name: str
     train: list[Example]
     prompts: list[str]
@@ -83,332 +106,648 @@ class Task:
     max_new_tokens: int
     about: str
 
+    def digest(self) -> str:
+        body = json.dumps([[asdict(e) for e in self.train], self.prompts, self.references], sort_keys=True)
+        return hashlib.sha256(body.encode()).hexdigest()[:16]
 
-def translation_task(train: int, test: int, max_new_tokens: int) -> Task:
-    train_pairs = multi30k("train", train)
-    test_pairs = multi30k("test_2016_flickr", test)
+
+def _subset(items: list, limit: int | None, seed: int = 0) -> list:
+    """A fixed random subset, in file order (the first rows of a file are rarely a fair sample)."""
+    if not limit or limit >= len(items):
+        return items
+    keep = sorted(random.Random(seed).sample(range(len(items)), limit))
+    return [items[i] for i in keep]
+
+
+def translation_task(train: int, test: int | None, max_new_tokens: int) -> Task:
+    pairs = multi30k("train")
+    random.Random(0).shuffle(pairs)
+    test_pairs = _subset(multi30k("test_2016_flickr"), test)
     return Task(
+        slug="multi30k_en_de",
         name="Multi30k en→de",
-        train=[Example(prompt=TRANSLATION_PROMPT.format(en=en), completion=f" {de}") for en, de in train_pairs],
+        train=[Example(prompt=TRANSLATION_PROMPT.format(en=en), completion=f" {de}") for en, de in pairs[:train]],
         prompts=[TRANSLATION_PROMPT.format(en=en) for en, _ in test_pairs],
         references=[[de] for _, de in test_pairs],
         max_new_tokens=max_new_tokens,
-        about=f"{len(train_pairs)} training pairs (train), {len(test_pairs)} test pairs (test_2016_flickr)",
+        about=f"{train} training pairs (train, shuffled with seed 0), {len(test_pairs)} test pairs "
+        "(test_2016_flickr, a fixed random subset)",
     )
 
 
-def data_to_text_task(train: int, test: int | None, max_new_tokens: int, seed: int = 0) -> Task:
+def data_to_text_task(train: int, test: int | None, max_new_tokens: int) -> Task:
     rows = [(mr, ref) for mr, refs in e2e("devset") for ref in refs]
-    random.Random(seed).shuffle(rows)
-    rows = rows[:train]
-    test_items = e2e("testset_w_refs", test)
+    random.Random(0).shuffle(rows)
+    test_items = _subset(e2e("testset_w_refs"), test)
     return Task(
+        slug="e2e",
         name="E2E NLG data-to-text",
-        train=[Example(prompt=E2E_PROMPT.format(mr=mr), completion=f" {ref}") for mr, ref in rows],
+        train=[Example(prompt=E2E_PROMPT.format(mr=mr), completion=f" {ref}") for mr, ref in rows[:train]],
         prompts=[E2E_PROMPT.format(mr=mr) for mr, _ in test_items],
         references=[refs for _, refs in test_items],
         max_new_tokens=max_new_tokens,
-        about=(
-            f"{len(rows)} training rows (devset, shuffled with seed {seed}), {len(test_items)} distinct test inputs "
-            f"(testset_w_refs) with {sum(map(len, (refs for _, refs in test_items)))} references"
-        ),
+        about=f"{train} training rows (devset, shuffled with seed 0), {len(test_items)} distinct test inputs "
+        f"(testset_w_refs, a fixed random subset) with {sum(len(r) for _, r in test_items)} references",
     )
 
 
-def language_model_choice(_step: int, _states: torch.Tensor, lm_log_probs: torch.Tensor) -> torch.Tensor:
-    return lm_log_probs.argmax(dim=-1)
+# ---- metrics: sacreBLEU and chrF from per-input sufficient statistics, so that inputs can be resampled
 
 
-def pema_choice(adapter: PemaAdapter, head: Head, config: PemaConfig, length: int) -> Chooser:
-    adapter.eval()
-
-    def choose(step: int, states: torch.Tensor, lm_log_probs: torch.Tensor) -> torch.Tensor:
-        weight = unrolling_lambda(step, length, config.lambda_max, config.schedule)
-        return mix(adapter.log_probs(states, head), lm_log_probs, weight).argmax(dim=-1)
-
-    return choose
+METRICS: dict[str, Callable[[], Any]] = {"bleu": BLEU, "chrf": CHRF}
 
 
-def first_line(text: str) -> str:
-    return text.strip().split("\n", 1)[0].strip()
+def _streams(references: list[list[str]]) -> list[list[str | None]]:
+    most = max(map(len, references))
+    return [[refs[i] if i < len(refs) else None for refs in references] for i in range(most)]
 
 
-class BatchedGreedy:
-    """Greedy decoding of `batch_size` prompts at a time: left padding, one KV cache, and f(x) (the last block's
-    output, before the final norm) taken by a hook. A row ends at end-of-text or at a token holding a newline."""
+def sentence_statistics(metric: str, outputs: list[str], references: list[list[str]]) -> np.ndarray:
+    """[inputs, k]: what sacreBLEU sums over a corpus before it scores."""
+    scorer = METRICS[metric]()
+    return np.asarray(scorer._extract_corpus_statistics(outputs, _streams(references)), dtype=float)
 
-    def __init__(self, model: torch.nn.Module, tokenizer: Any, batch_size: int):
-        self.model = model.eval()
-        self.tokenizer = tokenizer
-        self.batch_size = batch_size
-        self.last_block = blocks(causal_model(model))[-1]
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self._ends: dict[int, bool] = {}
 
-    def ends(self, token: int) -> bool:
-        if token not in self._ends:
-            self._ends[token] = token == self.tokenizer.eos_token_id or "\n" in self.tokenizer.decode([token])
-        return self._ends[token]
+def corpus_score(metric: str, summed: np.ndarray) -> float:
+    return float(METRICS[metric]()._compute_score_from_stats(list(summed)).score)
 
-    def __call__(self, prompts: Sequence[str], max_new_tokens: int, choose: Chooser, desc: str) -> list[str]:
-        outputs: list[str] = []
-        with tqdm(total=len(prompts), desc=desc, unit="input") as bar:
-            for start in range(0, len(prompts), self.batch_size):
-                batch = prompts[start : start + self.batch_size]
-                outputs += self.decode_batch(batch, max_new_tokens, choose)
-                bar.update(len(batch))
-        return outputs
 
-    @torch.inference_mode()
-    def decode_batch(self, prompts: Sequence[str], max_new_tokens: int, choose: Chooser) -> list[str]:
-        encoded = [encode(self.tokenizer, prompt, special=True) for prompt in prompts]
-        width = max(map(len, encoded))
-        ids = torch.tensor([[self.pad_id] * (width - len(e)) + e for e in encoded])
-        mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded])
-        positions = (mask.cumsum(dim=-1) - 1).clamp(min=0)
-        captured: list[torch.Tensor] = []
-        handle = self.last_block.register_forward_hook(
-            lambda _m, _a, output: captured.append((output[0] if isinstance(output, tuple) else output)[:, -1])
+def corpus_estimate(metric: str, per_seed: np.ndarray) -> stats.Estimate:
+    """Mean over seeds of the corpus score, its bootstrap CI over seeds and inputs; `per_seed`: seeds × inputs × k."""
+    return stats.statistic_estimate(per_seed, lambda summed: corpus_score(metric, summed))
+
+
+def corpus_compare(metric: str, a: np.ndarray, b: np.ndarray, same_seeds: bool = False) -> stats.Comparison:
+    return stats.statistic_compare(a, b, lambda summed: corpus_score(metric, summed), same_seeds)
+
+
+# ---- the benchmark
+
+
+def say(text: str) -> None:
+    print(f"[pema bench] {text}", file=sys.stderr, flush=True)
+
+
+class PemaBench:
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.cells = Cells(Path(args.cells))
+        self.work = Path(args.workdir)
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.store = Store(Path(args.store))
+        loaded = load_model(args.model, cache_dir=self.store.models_dir)
+        self.model_name, self.full, self.tokenizer = loaded.name, loaded.model.eval(), loaded.tokenizer
+        self.fingerprint = fingerprint(self.full)
+        self.head = Head.from_model(self.full)
+        self.recipe = replace(load_recipe(), max_length=args.max_length, epochs=args.lora_epochs)
+        self.sampling = {}
+        spec = EmulatorSpec.parse(args.emulator)
+        self.emulator_dir = self.store.emulators_dir / self.fingerprint[:16] / spec.id
+        if not (self.emulator_dir / "offsite.json").is_file():
+            say(f"building emulator {args.emulator} (cached in {self.emulator_dir})")
+            build_emulator(
+                self.full,
+                self.tokenizer,
+                spec,
+                self.emulator_dir,
+                self.store.signing_key(),
+                self.fingerprint,
+                self.model_name,
+                show_progress=args.progress,
+            )
+        self.emulator, _, self.emulator_manifest = load_emulator(self.emulator_dir)
+        self._bridge: tuple[Bridge, dict[str, Any]] | None = None
+
+    def bridge(self) -> tuple[Bridge, dict[str, Any]]:
+        """The owner's bridge for this emulator, fitted once on the owner's public text and cached."""
+        if self._bridge is None:
+            path = self.work / f"bridge-{self.emulator_manifest['id']}.safetensors"
+            facts_file = path.with_suffix(".json")
+            if not facts_file.is_file():
+                say("fitting the owner's bridge on public text")
+                started = time.perf_counter()
+                published = build_bridge(self.full, self.emulator, self.tokenizer)
+                published.bridge.save(path)
+                facts = {**published.facts, "card": published.card.as_dict()}
+                facts["seconds"] = round(time.perf_counter() - started, 1)
+                facts_file.write_text(json.dumps(facts, indent=1) + "\n")
+            hidden = int(self.full.config.hidden_size)
+            self._bridge = Bridge.load(path, hidden), json.loads(facts_file.read_text())
+        return self._bridge
+
+    # -- helpers
+
+    def facts(self, task: Task, row: str, **extra: Any) -> dict[str, Any]:
+        return {
+            "task": task.slug,
+            "row": row,
+            "model": self.fingerprint[:16],
+            "task_digest": task.digest(),
+            "max_new_tokens": task.max_new_tokens,
+            "stop": list(STOP),
+            **extra,
+        }
+
+    def decode(self, model: torch.nn.Module, task: Task, policy_for: Callable[[int], Any], desc: str) -> dict:
+        """Greedy outputs of every test prompt, `--batch` at a time; `policy_for(first)` gives the batch's policy."""
+        sampling = SamplingConfig(max_new_tokens=task.max_new_tokens, stop=STOP)
+        outputs, finishes = [], []
+        started = time.perf_counter()
+        for first in range(0, len(task.prompts), self.args.batch):
+            batch = task.prompts[first : first + self.args.batch]
+            ids = [encode(self.tokenizer, p, special=True) for p in batch]
+            done = complete(
+                LocalStepper(model), ids, policy_for(first), sampling, self.tokenizer.eos_token_id, self.tokenizer
+            )
+            outputs += [c.text.strip() for c in done]
+            finishes += [c.finish for c in done]
+            say(f"{task.slug} {desc}: {len(outputs)}/{len(task.prompts)}")
+        return {
+            "outputs": outputs,
+            "finish": finishes,
+            "hit_limit_fraction": finishes.count("length") / len(finishes),
+            "decode_seconds": round(time.perf_counter() - started, 1),
+        }
+
+    def memory(self, task: Task, source: str) -> tuple[Memory, float]:
+        """The owner's memory (full-model states), the hybrid's (emulator states, bridged) or the unbridged hybrid's,
+        cached on disk."""
+        directory = self.work / f"{task.slug}-{task.digest()}-{source}-{self.emulator_manifest['id']}"
+        seconds_file = directory.with_suffix(".seconds")
+        if not (directory / "memory.json").is_file():
+            started = time.perf_counter()
+            representer: Any = LocalRepresenter(self.full if source == "owner" else self.emulator)
+            if source == "hybrid":
+                representer = BridgedRepresenter(representer, self.bridge()[0])
+            contexts = teacher_forcing(self.tokenizer, task.train, self.args.max_length)
+            build_memory(representer, contexts, directory, "float16", {"source": source})
+            seconds_file.write_text(f"{time.perf_counter() - started:.1f}\n")
+        return Memory.open(directory), float(seconds_file.read_text())
+
+    def pema(self, task: Task, source: str, seed: int, rank: int) -> tuple[PemaAdapter, PemaConfig, dict]:
+        """One PEMA adapter (with its gate and length predictor), cached as a bundle."""
+        config = replace(self.pema_config, rank=rank, seed=seed)
+        directory = self.work / f"{task.slug}-{task.digest()}-{source}-pema-r{rank}-s{seed}"
+        facts_file = directory / "training.json"
+        memory, memory_seconds = self.memory(task, source)
+        if not facts_file.is_file():
+            head = self.head  # the emulator's final norm and head are the full model's own
+            adapter, report = train_pema(memory, head, config, show_progress=self.args.progress)
+            directory.mkdir(parents=True, exist_ok=True)
+            save_pema(adapter, config, directory)
+            facts = {
+                "memory_rows": len(memory),
+                "memory_seconds": memory_seconds,
+                "train_seconds": round(report.seconds, 1),
+                "validation_ce": round(report.phase2_validation_ce, 4),
+                "phase1_epochs": report.phase1.epochs,
+                "phase2_epochs": report.phase2.epochs,
+                "gate_validation_nll": min(report.gate.validation_loss) if report.gate else None,
+                "length_mae_tokens": report.length_mae_tokens,
+            }
+            facts_file.write_text(json.dumps(facts, indent=1) + "\n")
+        adapter, config = load_pema(directory)
+        return adapter, config, json.loads(facts_file.read_text())
+
+    @property
+    def pema_config(self) -> PemaConfig:
+        return PemaConfig(max_epochs=self.args.pema_epochs, lambda_max=self.args.lambda_max)
+
+    # -- selection on held-out examples of the memory
+
+    def rank(self, task: Task) -> int:
+        facts = self.facts(task, "selection_rank", ranks=list(self.args.ranks), pema=asdict(self.pema_config))
+        cell = self.cells.get(facts)
+        if cell is None:
+            trials = {str(r): self.pema(task, "owner", 0, r)[2]["validation_ce"] for r in self.args.ranks}
+            best = min(trials, key=trials.get)
+            cell = self.cells.put(facts, {"validation_ce": trials, "rank": int(best), "on": "held-out examples"})
+        return int(cell["rank"])
+
+    # -- rows
+
+    def zero_shot(self, task: Task) -> dict[str, Any]:
+        facts = self.facts(task, "zero_shot")
+        cell = self.cells.get(facts)
+        if cell is None:
+            shortest = [
+                min(len(encode(self.tokenizer, f" {r}", special=False)) for r in refs) for refs in task.references
+            ]
+            long_references = sum(n + 1 >= task.max_new_tokens for n in shortest) / len(shortest)  # + end-of-text
+            decoded = self.decode(self.full, task, lambda _first: model_policy, "zero-shot")
+            cell = self.cells.put(facts, {"seed": 0, **decoded, "long_reference_fraction": long_references})
+        return cell
+
+    def pema_rows(self, task: Task, seed: int) -> list[dict[str, Any]]:
+        rank = self.rank(task)
+        out = []
+        for row, schedule in [*PEMA_ROWS.items(), ("pema_gu_oracle_length", GRADUAL)]:
+            facts = self.facts(task, row, seed=seed, rank=rank, pema=asdict(self.pema_config))
+            cell = self.cells.get(facts)
+            if cell is None:
+                adapter, config, training = self.pema(task, "owner", seed, rank)
+                oracle = self.oracle_lengths(task) if row == "pema_gu_oracle_length" else None
+
+                def policy_for(first: int, a=adapter, c=config, s=schedule, o=oracle) -> Any:
+                    lengths = o[first : first + self.args.batch] if o is not None else None
+                    return pema_policy(a, self.head, replace(c, schedule=s), task.max_new_tokens, lengths)
+
+                decoded = self.decode(self.full, task, policy_for, f"{row} seed {seed}")
+                cell = self.cells.put(facts, {"seed": seed, **decoded, **training})
+            out.append(cell)
+        return out
+
+    def oracle_lengths(self, task: Task) -> list[int]:
+        """The first reference's length in tokens (end-of-text included): what the reference code's L is."""
+        return [len(encode(self.tokenizer, f" {refs[0]}", special=False)) + 1 for refs in task.references]
+
+    def hybrid(self, task: Task, seed: int, source: str = "hybrid") -> dict[str, Any]:
+        """Run with GU, as pema_gu is: the target compares the two gains like with like."""
+        rank = self.rank(task)
+        facts = self.facts(
+            task,
+            "hybrid" if source == "hybrid" else "hybrid_no_bridge",
+            seed=seed,
+            rank=rank,
+            pema=asdict(self.pema_config),
+            emulator_id=self.emulator_manifest["id"],
         )
-        produced: list[list[int]] = [[] for _ in prompts]
-        finished = [False] * len(prompts)
-        past: Any = None
-        try:
-            for step in range(max_new_tokens):
-                out = self.model(
-                    input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=past, use_cache=True
-                )
-                past = out.past_key_values
-                tokens = choose(step, captured.pop().float(), torch.log_softmax(out.logits[:, -1].float(), dim=-1))
-                for row, token in enumerate(tokens.tolist()):
-                    if not finished[row]:
-                        finished[row] = self.ends(token)
-                        if not finished[row]:
-                            produced[row].append(token)
-                if all(finished):
-                    break
-                ids = tokens[:, None]
-                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
-                positions = positions[:, -1:] + 1
-        finally:
-            handle.remove()
-        return [first_line(self.tokenizer.decode(tokens, skip_special_tokens=True)) for tokens in produced]
+        cell = self.cells.get(facts)
+        if cell is None:
+            adapter, config, training = self.pema(task, source, seed, rank)
+            gradual = replace(config, schedule=GRADUAL)
+            decoded = self.decode(
+                self.full,
+                task,
+                lambda _first: pema_policy(adapter, self.head, gradual, task.max_new_tokens),  # one per batch
+                f"{source} seed {seed}",
+            )
+            cell = self.cells.put(facts, {"seed": seed, **decoded, **training})
+        return cell
+
+    def lora_config(self, seed: int, blocks: str) -> TrainConfig:
+        return replace(self.recipe.train_config(seed), train_blocks=blocks)
+
+    def lora_emulator(self, task: Task, seed: int) -> dict[str, Any]:
+        facts = self.facts(
+            task,
+            "lora_emulator_plug_in",
+            seed=seed,
+            recipe=asdict(self.recipe),
+            emulator_id=self.emulator_manifest["id"],
+        )
+        cell = self.cells.get(facts)
+        if cell is None:
+            adapter = self.work / f"{task.slug}-lora-emulator-s{seed}"
+            config = self.lora_config(seed, self.recipe.train_blocks)
+            trained = train_adapter(self.emulator_dir, task.train, config, adapter, show_progress=self.args.progress)
+            plugged = plug(self.full, adapter, "lora")
+            decoded = self.decode(plugged, task, lambda _first: model_policy, f"LoRA plug-in seed {seed}")
+            cell = self.cells.put(facts, {"seed": seed, **decoded, "train_seconds": round(trained.seconds, 1)})
+        return cell
+
+    def lora_full(self, task: Task, seed: int) -> dict[str, Any]:
+        facts = self.facts(task, "lora_full", seed=seed, recipe=asdict(self.recipe))
+        cell = self.cells.get(facts)
+        if cell is None:
+            say(f"{task.slug}: LoRA on every block of the full model, seed {seed}")
+            model = copy.deepcopy(self.full)
+            config = self.lora_config(seed, "all")
+            torch.manual_seed(seed)
+            peft_model = lora.attach(model, spec_for(model.config), list(range(depth(model.config))), config)
+            data = tokenize_for_training(self.tokenizer, task.train, self.recipe.max_length)
+            trained = fit(peft_model, data, ensure_pad_token(self.tokenizer), config, show_progress=self.args.progress)
+            decoded = self.decode(peft_model, task, lambda _first: model_policy, f"LoRA full seed {seed}")
+            cell = self.cells.put(
+                facts,
+                {"seed": seed, **decoded, "train_seconds": round(trained.seconds, 1), "last_loss": trained.last_loss},
+            )
+        return cell
+
+    def run_task(self, task: Task, seeds: Sequence[int], rows: Sequence[str]) -> None:
+        if "zero_shot" in rows:
+            self.zero_shot(task)
+        for seed in seeds:
+            if any(r in rows for r in (*PEMA_ROWS, "pema_gu_oracle_length")):
+                self.pema_rows(task, seed)
+            if "hybrid" in rows:
+                self.hybrid(task, seed)
+            if "hybrid_no_bridge" in rows and seed == seeds[0]:
+                self.hybrid(task, seed, "emulator")
+            if "lora_emulator_plug_in" in rows:
+                self.lora_emulator(task, seed)
+            if "lora_full" in rows:
+                self.lora_full(task, seed)
 
 
-def key_agreement(owner: Memory, hybrid: Memory, sample: int = 5000) -> dict[str, float]:
-    """How close the emulator's f(c) comes to the full model's for the same contexts (the memories are row-aligned):
-    a hybrid adapter is trained on the one and applied to the other."""
-    rows = np.sort(np.random.default_rng(0).choice(len(owner), min(sample, len(owner)), replace=False))
-    full = torch.from_numpy(np.asarray(owner.keys[rows], dtype=np.float32))
-    emulated = torch.from_numpy(np.asarray(hybrid.keys[rows], dtype=np.float32))
+# ---- report
+
+
+def build_report(cells: Cells, tasks: dict[str, Task]) -> dict[str, Any]:
+    """Per task × row: BLEU and chrF with CIs over seeds and inputs; paired comparisons; the issue's targets."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    selections: dict[str, dict[str, Any]] = {}
+    for cell in cells.all():
+        task = tasks.get(cell["task"])
+        if task is None or cell["task_digest"] != task.digest():
+            continue  # another split or another task size
+        if cell["row"].startswith("selection_"):
+            selections.setdefault(cell["task"], {})[cell["row"].removeprefix("selection_")] = cell
+        elif cell["row"] in ROWS:
+            groups.setdefault((cell["task"], cell["row"]), []).append(cell)
+    statistics: dict[tuple[str, str, str], np.ndarray] = {}
+    runs = []
+    for (slug, row), found in sorted(groups.items(), key=lambda kv: (kv[0][0], ROWS.index(kv[0][1]))):
+        found = sorted(found, key=lambda c: c["seed"])
+        if len({c["seed"] for c in found}) != len(found):
+            raise ValueError(f"cells of {slug}/{row} repeat a seed (another configuration?): delete the stale ones")
+        task = tasks[slug]
+        record: dict[str, Any] = {"task": slug, "row": row, "seeds": [c["seed"] for c in found]}
+        for metric in METRICS:
+            matrix = np.stack([sentence_statistics(metric, c["outputs"], task.references) for c in found])
+            statistics[(slug, row, metric)] = matrix
+            estimate = corpus_estimate(metric, matrix)
+            prefix = "" if metric == "bleu" else "chrf_"
+            record |= {
+                metric: round(estimate.mean, 2),
+                f"{prefix}ci_low": round(estimate.ci_low, 2),
+                f"{prefix}ci_high": round(estimate.ci_high, 2),
+            }
+        record["hit_limit_fraction"] = round(float(np.mean([c["hit_limit_fraction"] for c in found])), 4)
+        record["sample"] = found[0]["outputs"][:2]
+        for key in ("train_seconds", "memory_seconds", "decode_seconds", "memory_rows", "rank", "schedule"):
+            values = [c[key] for c in found if c.get(key) is not None]
+            if values:
+                record[key] = values[0] if isinstance(values[0], str) else round(float(np.mean(values)), 1)
+        record["n"] = len(task.prompts)
+        runs.append(record)
+
+    def bleu(slug: str, row: str) -> float | None:
+        return next((r["bleu"] for r in runs if r["task"] == slug and r["row"] == row), None)
+
+    comparisons, targets = [], []
+    for slug in tasks:
+        present = {r["row"] for r in runs if r["task"] == slug}
+        schedules = [r for r in PEMA_ROWS if r in present]
+        best_pema = max(schedules, key=lambda r: bleu(slug, r)) if schedules else None
+        pairs = [("pema_gate", s) for s in ("pema_constant", "pema_gu")] + [
+            ("hybrid", "zero_shot"),
+            ("pema_gu", "zero_shot"),
+            ("lora_emulator_plug_in", "zero_shot"),
+            ("lora_full", "zero_shot"),
+        ]
+        if best_pema:
+            pairs += [(best_pema, "lora_full"), (best_pema, "lora_emulator_plug_in")]
+        for a, b in pairs:
+            if a in present and b in present:
+                same = a in PEMA_ROWS and b in PEMA_ROWS  # one adapter per seed, two schedules
+                c = corpus_compare("bleu", statistics[(slug, a, "bleu")], statistics[(slug, b, "bleu")], same)
+                comparisons.append({"task": slug, "a": a, "b": b, **c.as_dict()})
+        zs = bleu(slug, "zero_shot")
+        if zs is not None and "hybrid" in present and "pema_gu" in present:
+            remote_gain = bleu(slug, "pema_gu") - zs
+            ratio = (bleu(slug, "hybrid") - zs) / remote_gain if remote_gain > 0 else None
+            targets.append(_target(slug, "hybrid gain ≥ 80% of remote PEMA's (GU)", ratio, 0.8))
+        if best_pema and "lora_full" in present:
+            ratio = bleu(slug, best_pema) / bleu(slug, "lora_full") if bleu(slug, "lora_full") else None
+            targets.append(_target(slug, f"PEMA ({best_pema}) ≥ 90% of full-model LoRA", ratio, 0.9))
+        if best_pema and "lora_emulator_plug_in" in present:
+            margin = bleu(slug, best_pema) - bleu(slug, "lora_emulator_plug_in")
+            targets.append(
+                _target(slug, f"PEMA ({best_pema}) above LoRA-on-emulator plug-in", margin, 0.0, strict=True)
+            )
+        if {"pema_gate", "pema_constant", "pema_gu"} <= present:
+            margin = bleu(slug, "pema_gate") - max(bleu(slug, "pema_constant"), bleu(slug, "pema_gu"))
+            targets.append(_target(slug, "gate ≥ the better of constant λ and GU", margin, 0.0))
+        worst = max((r["hit_limit_fraction"] for r in runs if r["task"] == slug), default=None)
+        zero_shot = groups.get((slug, "zero_shot"), [{}])[0]
+        goal = round(0.05 + zero_shot.get("long_reference_fraction", 0.0), 4)  # "unless the reference is that long"
+        what = "no row hits the token limit on more than 5% of inputs (more where references are that long)"
+        targets.append(_target(slug, what, worst, goal, below=True))
     return {
-        "median_cosine": round(float(torch.nn.functional.cosine_similarity(emulated, full, dim=1).median()), 3),
-        "median_relative_l2": round(float(((emulated - full).norm(dim=1) / full.norm(dim=1)).median()), 3),
+        "runs": runs,
+        "comparisons": comparisons,
+        "targets": targets,
+        "selections": {slug: {k: _strip(v) for k, v in s.items()} for slug, s in selections.items()},
+        "tasks": {
+            slug: {"name": t.name, "about": t.about, "max_new_tokens": t.max_new_tokens} for slug, t in tasks.items()
+        },
+        "bootstrap": {"samples": stats.BOOTSTRAP_SAMPLES, "confidence": stats.CONFIDENCE, "over": "inputs and seeds"},
     }
 
 
-def bleu(hypotheses: list[str], references: list[list[str]]) -> float:
-    """Corpus sacreBLEU; inputs with fewer references than the most have `None` in the missing streams."""
-    most = max(map(len, references))
-    streams = [[refs[i] if i < len(refs) else None for refs in references] for i in range(most)]
-    return round(sacrebleu.corpus_bleu(hypotheses, streams).score, 2)
+def _strip(cell: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in cell.items() if k not in ("outputs", "finish", "model", "task_digest")}
 
 
-def _peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kilobytes on Linux
+def _target(task: str, what: str, value: float | None, goal: float, below: bool = False, strict: bool = False) -> dict:
+    if value is None:
+        met = None
+    elif below:
+        met = value <= goal
+    else:
+        met = value > goal if strict else value >= goal
+    return {"task": task, "target": what, "value": None if value is None else round(value, 3), "goal": goal, "met": met}
 
 
-def measure_pema_training(memory_dir: str, model: str, cache: str, config: PemaConfig, queue: Any) -> None:
-    """In its own process: the head (from the model) and the memory are all PEMA training needs."""
-    loaded = load_model(model, cache_dir=Path(cache))
-    head = Head.from_model(loaded.model)
-    del loaded
-    started = time.perf_counter()
-    train_pema(Memory.open(Path(memory_dir)), head, config, show_progress=False)
-    queue.put({"seconds": time.perf_counter() - started, "peak_rss_mib": _peak_rss_mib()})
+ROW_NAMES = {
+    "zero_shot": "zero-shot (full model)",
+    "pema_constant": "PEMA, constant λ",
+    "pema_gu": "PEMA, Gradual Unrolling (L predicted)",
+    "pema_gate": "PEMA, learned gate",
+    "pema_gu_oracle_length": "PEMA, GU with the reference's length (upper bound, leaks)",
+    "hybrid": "hybrid PEMA (emulator memory, bridged)",
+    "hybrid_no_bridge": "hybrid PEMA without the bridge",
+    "lora_emulator_plug_in": "LoRA on the emulator, plugged in",
+    "lora_full": "LoRA on every block of the full model (ceiling)",
+}
 
 
-def measure_lora_training(model: str, cache: str, examples: list[Example], queue: Any) -> None:
-    """In its own process: LoRA r=8 on every block of the full model, one epoch over the same examples."""
-    loaded = load_model(model, cache_dir=Path(cache))
-    config = TrainConfig()
-    peft_model = lora_training.attach(
-        loaded.model, spec_for(loaded.model.config), list(range(len(blocks(loaded.model)))), config
-    )
-    data = tokenize_for_training(loaded.tokenizer, examples, config.max_length)
-    started = time.perf_counter()
-    fit(peft_model, data, ensure_pad_token(loaded.tokenizer), config, False)
-    queue.put({"seconds": time.perf_counter() - started, "peak_rss_mib": _peak_rss_mib()})
+def markdown(report: dict[str, Any], meta: dict[str, Any]) -> str:
+    lines = [
+        f"# PEMA on {meta.get('model', 'the model')}",
+        "",
+        f"Greedy, the one token loop, stop on end-of-text or a newline; sacreBLEU and chrF; 95% CIs resample "
+        f"seeds and test inputs ({stats.BOOTSTRAP_SAMPLES} draws). Emulator `{meta.get('emulator')}`. "
+        f"PEMA: {meta.get('pema')}. LoRA recipe: {meta.get('recipe')}. {meta.get('device', '')}",
+    ]
+    for slug, task in report["tasks"].items():
+        rows = [r for r in report["runs"] if r["task"] == slug]
+        if not rows:
+            continue
+        selection = report["selections"].get(slug, {})
+        lines += ["", f"## {task['name']}", "", f"{task['about']}; at most {task['max_new_tokens']} new tokens."]
+        if "rank" in selection:
+            lines += [
+                "",
+                f"PEMA rank {selection['rank']['rank']}, chosen on held-out examples of the memory "
+                f"(validation CE {selection['rank']['validation_ce']}).",
+            ]
+        lines += [
+            "",
+            "| row | BLEU [95% CI] | chrF [95% CI] | hit the limit | seeds | train s | first output |",
+            "|---|---:|---:|---:|---:|---:|---|",
+        ]
+        for r in rows:
+            lines.append(
+                f"| {ROW_NAMES[r['row']]} | {r['bleu']:.2f} [{r['ci_low']:.2f}, {r['ci_high']:.2f}] "
+                f"| {r['chrf']:.2f} [{r['chrf_ci_low']:.2f}, {r['chrf_ci_high']:.2f}] "
+                f"| {100 * r['hit_limit_fraction']:.1f}% | {len(r['seeds'])} | {r.get('train_seconds', '—')} "
+                f"| {r['sample'][0][:80]!r} |"
+            )
+        compared = [c for c in report["comparisons"] if c["task"] == slug]
+        if compared:
+            lines += ["", "| paired (same inputs) | BLEU difference [95% CI] | p |", "|---|---:|---:|"]
+            lines += [
+                f"| {c['a']} − {c['b']} | {c['difference_mean']:+.2f} [{c['difference_ci_low']:+.2f}, "
+                f"{c['difference_ci_high']:+.2f}] | {c['p_value']:.3f} |"
+                for c in compared
+            ]
+    bridge = meta.get("bridge")
+    if bridge:
+        card = bridge["card"]
+        lines += [
+            "",
+            "## The owner's bridge (hybrid PEMA)",
+            "",
+            f"An affine map of the emulator's final states to the full model's, ridge α {bridge['ridge_alpha']}, "
+            f"fitted on {bridge['fit_rows']:,} positions of public text in {bridge['seconds']:.0f} s "
+            f"({bridge['excluded']} excluded); measured on {card['positions']:,} positions of a held-out novel.",
+            "",
+            "| on held-out public text | emulator | emulator + bridge | full model |",
+            "|---|---:|---:|---:|",
+            f"| median cosine to the full model's state | {card['cosine_before']:.3f} "
+            f"| {card['cosine_after']:.3f} | 1 |",
+            f"| NMSE to the full model's state | {card['nmse_before']:.3f} | {card['nmse_after']:.3f} | 0 |",
+            f"| top-1 agreement with the full model (what it reveals) | {card['top1_emulator']:.3f} "
+            f"| {card['top1_bridged']:.3f} | 1 |",
+            f"| perplexity through the owner's head | {card['perplexity_emulator']:.1f} "
+            f"| {card['perplexity_bridged']:.1f} | {card['perplexity_full']:.1f} |",
+        ]
+    lines += ["", "## Targets", "", "| task | target | value | goal | met |", "|---|---|---:|---:|---|"]
+    for t in report["targets"]:
+        met = "—" if t["met"] is None else ("yes" if t["met"] else "**no**")
+        lines.append(f"| {t['task']} | {t['target']} | {t['value']} | {t['goal']} | {met} |")
+    return "\n".join(lines) + "\n"
 
 
-def in_child(target: Any, *args: Any) -> dict[str, float]:
-    context = multiprocessing.get_context("spawn")
-    queue = context.Queue()
-    process = context.Process(target=target, args=(*args, queue))
-    process.start()
-    result = queue.get()
-    process.join()
-    return result
+def plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = [s for s in report["tasks"] if any(r["task"] == s for r in report["runs"])]
+    figure, axes = plt.subplots(1, max(1, len(tasks)), figsize=(6 * max(1, len(tasks)), 4), squeeze=False)
+    for axis, slug in zip(axes[0], tasks, strict=False):
+        rows = [r for r in report["runs"] if r["task"] == slug]
+        x = np.arange(len(rows))
+        means = np.array([r["bleu"] for r in rows])
+        errors = np.array([[r["bleu"] - r["ci_low"], r["ci_high"] - r["bleu"]] for r in rows]).T
+        axis.bar(x, means, yerr=errors, capsize=3, color="#4c72b0")
+        axis.set_xticks(x, [r["row"] for r in rows], rotation=35, ha="right", fontsize=8)
+        axis.set_title(report["tasks"][slug]["name"])
+        axis.set_ylabel("BLEU (95% CI)")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
 
 
-class Bench:
-    def __init__(self, args: argparse.Namespace):
-        self.args = args
-        self.work = Path(args.workdir or tempfile.mkdtemp(prefix="offsite-pema-"))
-        self.work.mkdir(parents=True, exist_ok=True)
-        self.cache = str(Path(args.model_cache) if args.model_cache else self.work / "models")
-        loaded = load_model(args.model, cache_dir=Path(self.cache))
-        self.model_name = loaded.name
-        self.full, self.tokenizer = loaded.model.eval(), loaded.tokenizer
-        self.emulator, _, self.emulator_manifest = load_emulator(Path(args.emulator))
-        self.config = PemaConfig(max_epochs=args.pema_epochs, patience=1, lambda_max=args.lambda_max)
-        self.head = Head.from_model(self.full)
-        self.decode = BatchedGreedy(self.full, self.tokenizer, args.batch)
+# ---- entry point
 
-    def task(self, task: Task, slug: str) -> dict[str, Any]:
-        started = time.perf_counter()
-        work = self.work / slug
-        rows: list[dict[str, Any]] = []
 
-        def row(name: str, outputs: list[str], **extra: Any) -> None:
-            rows.append({"row": name, "bleu": bleu(outputs, task.references), "sample": outputs[:3], **extra})
-            print(f"[pema bench] {task.name}, {name}: BLEU {rows[-1]['bleu']}", file=sys.stderr)
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument("--store", default=str(ROOT / "runs" / "transfer" / "owner-store"), help="caches emulators")
+    parser.add_argument("--emulator", default=DEFAULT_EMULATOR, help="emulator spec (built once in the store)")
+    parser.add_argument("--workdir", default=str(ROOT / "runs" / "pema"), help="memories and adapters")
+    parser.add_argument("--cells", default=str(CELLS))
+    parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--tasks", default="e2e,multi30k_en_de")
+    parser.add_argument("--rows", default=",".join(ROWS))
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--train", type=int, default=1000, help="training examples of each task")
+    parser.add_argument("--test", type=int, default=300, help="test inputs of each task (a fixed random subset)")
+    parser.add_argument("--max-new-tokens", type=int, help="override every task's limit (E2E 64, Multi30k 48)")
+    parser.add_argument("--batch", type=int, default=32, help="prompts decoded at once")
+    parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--pema-epochs", type=int, default=5)
+    parser.add_argument("--ranks", default=",".join(map(str, RANKS)))
+    parser.add_argument("--lambda-max", type=float, default=PemaConfig.lambda_max)
+    parser.add_argument("--lora-epochs", type=float, default=2.0)
+    parser.add_argument("--report", action="store_true", help="only rebuild the results from the cells")
+    parser.add_argument("--smoke", action="store_true", help="a tiny random model on a few rows, in seconds")
+    parser.add_argument("--no-progress", dest="progress", action="store_false")
+    args = parser.parse_args(argv)
+    args.ranks = [int(r) for r in str(args.ranks).split(",") if r]
+    return args
 
-        length = task.max_new_tokens
-        row("zero-shot (full model)", self.decode(task.prompts, length, language_model_choice, "zero-shot"))
 
-        contexts = teacher_forcing(self.tokenizer, task.train, self.args.max_length)
-        owner_memory = build_memory(LocalRepresenter(self.full), contexts, work / "memory-owner", "float16", {})
-        hybrid_memory = build_memory(LocalRepresenter(self.emulator), contexts, work / "memory-hybrid", "float16", {})
-        adapter, report = train_pema(owner_memory, self.head, self.config)
-        hybrid_adapter, hybrid_report = train_pema(hybrid_memory, Head.from_model(self.emulator), self.config)
-        facts = {"memory_rows": len(owner_memory), "validation_ce": round(report.phase2_validation_ce, 4)}
-        constant, gradual = replace(self.config, schedule=CONSTANT), replace(self.config, schedule=GRADUAL)
-        for name, config in (("PEMA, constant λ", constant), ("PEMA, Gradual Unrolling", gradual)):
-            choose = pema_choice(adapter, self.head, config, length)
-            row(name, self.decode(task.prompts, length, choose, name), **facts)
-        row(
-            "hybrid PEMA (emulator memory), GU",
-            self.decode(task.prompts, length, pema_choice(hybrid_adapter, self.head, gradual, length), "hybrid PEMA"),
-            memory_rows=len(hybrid_memory),
-            validation_ce=round(hybrid_report.phase2_validation_ce, 4),
-            keys_against_owner=key_agreement(owner_memory, hybrid_memory),
-        )
-        lora_dir = work / "lora"
-        trained = train_adapter(
-            Path(self.args.emulator), task.train, TrainConfig(train_blocks=self.args.train_blocks), lora_dir
-        )
-        plugged = plug(self.full, lora_dir, "lora")
-        row(
-            f"LoRA on the emulator ({self.emulator_manifest['id']}), plugged in",
-            BatchedGreedy(plugged, self.tokenizer, self.args.batch)(
-                task.prompts, length, language_model_choice, "LoRA plug-in"
-            ),
-            train_seconds=round(trained.seconds, 1),
-        )
-        return {
-            "task": task.name,
-            "data": task.about,
-            "max_new_tokens": length,
-            "seconds": round(time.perf_counter() - started, 1),
-            "rows": rows,
-        }
+def load_tasks(args: argparse.Namespace) -> dict[str, Task]:
+    makers = {
+        "e2e": lambda: data_to_text_task(args.train, args.test, args.max_new_tokens or 64),
+        "multi30k_en_de": lambda: translation_task(args.train, args.test, args.max_new_tokens or 48),
+    }
+    chosen = [t for t in args.tasks.split(",") if t]
+    unknown = [t for t in chosen if t not in makers]
+    if unknown:
+        raise SystemExit(f"unknown task(s) {', '.join(unknown)}; choose from {', '.join(makers)}")
+    return {t: makers[t]() for t in chosen}
 
-    def efficiency(self, task: Task) -> dict[str, Any]:
-        memory = str(self.work / "translation" / "memory-owner")
-        pema_cost = in_child(measure_pema_training, memory, self.args.model, self.cache, self.config)
-        lora_cost = in_child(measure_lora_training, self.args.model, self.cache, task.train)
-        return {
-            "examples": len(task.train),
-            "pema_training": pema_cost,
-            "lora_full_model_training": lora_cost,
-            "memory_ratio_pema_over_lora": round(pema_cost["peak_rss_mib"] / lora_cost["peak_rss_mib"], 3),
-            "time_ratio_pema_over_lora": round(pema_cost["seconds"] / lora_cost["seconds"], 3),
-        }
+
+def smoke_arguments(args: argparse.Namespace) -> argparse.Namespace:
+    """A tiny model and a few rows: every code path, none of the cost."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from tiny_models import save_tiny_model
+
+    work = Path(tempfile.mkdtemp(prefix="offsite-pema-smoke-"))
+    args.model = str(save_tiny_model("llama", work / "model"))
+    args.store, args.workdir, args.cells, args.out = (str(work / n) for n in ("store", "work", "cells", "pema"))
+    args.emulator, args.seeds, args.ranks = "uniform:1-2-1", "0,1", [4, 8]
+    args.train, args.test, args.max_new_tokens, args.batch = 24, 6, 8, 4
+    args.pema_epochs, args.lora_epochs, args.progress = 2, 1.0, False
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    threads = torch.get_num_threads()
+    if args.smoke:
+        args = smoke_arguments(args)
+        torch.set_num_threads(1)  # tiny matrices: more threads only add synchronisation
+    try:
+        return run(args)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     started = time.perf_counter()
-    bench = Bench(args)
-    translation = translation_task(args.train, args.test, args.max_new_tokens)
-    tasks = [bench.task(translation, "translation")]
-    if not args.skip_e2e:
-        data_to_text = data_to_text_task(args.e2e_train, args.e2e_test, args.e2e_max_new_tokens)
-        tasks.append(bench.task(data_to_text, "data-to-text"))
-    return {
-        "model": bench.model_name,
-        "emulator": bench.emulator_manifest["id"],
-        "pema": asdict(bench.config),
-        "decoding": f"greedy, batches of {args.batch} with left padding and a KV cache",
-        "device": f"CPU ({platform.machine()}), torch threads {torch.get_num_threads()}",
-        "total_seconds": round(time.perf_counter() - started, 1),
-        "tasks": tasks,
-        "efficiency": {} if args.skip_efficiency else bench.efficiency(translation),
-    }
-
-
-def markdown(result: dict[str, Any]) -> str:
-    pema = result["pema"]
-    lines = [
-        f"# PEMA on {result['model']}",
-        "",
-        f"PEMA r={pema['rank']}, κ={pema['kappa']}, λ_max={pema['lambda_max']}, at most {pema['max_epochs']} epochs "
-        f"per phase; Gradual Unrolling takes L = max_new_tokens. Emulator: `{result['emulator']}`. "
-        f"{result['decoding']}, sacreBLEU. {result['device']}, {result['total_seconds']:.0f} s in all.",
-    ]
-    for task in result["tasks"]:
-        lines += [
-            "",
-            f"## {task['task']}",
-            "",
-            f"{task['data']}; at most {task['max_new_tokens']} new tokens; {task['seconds']:.0f} s.",
-            "",
-            "| row | BLEU | first output |",
-            "|---|---:|---|",
-        ]
-        lines += [f"| {row['row']} | {row['bleu']} | {row['sample'][0]!r} |" for row in task["rows"]]
-    if result["efficiency"]:
-        e = result["efficiency"]
-        lines += [
-            "",
-            f"## Training cost, the same {e['examples']} translation pairs",
-            "",
-            "| training | seconds | peak RSS MiB |",
-            "|---|---:|---:|",
-            f"| PEMA (both phases, on the memory) | {e['pema_training']['seconds']:.1f} "
-            f"| {e['pema_training']['peak_rss_mib']:.0f} |",
-            f"| LoRA r=8 on every block of the full model, 1 epoch | {e['lora_full_model_training']['seconds']:.1f} "
-            f"| {e['lora_full_model_training']['peak_rss_mib']:.0f} |",
-            "",
-            f"PEMA / LoRA: memory **{e['memory_ratio_pema_over_lora']}×**, time {e['time_ratio_pema_over_lora']}×.",
-        ]
-    return "\n".join(lines) + "\n"
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=DEFAULT_MODEL)
-    parser.add_argument("--model-cache", help="where converted models are kept (an owner store's models/)")
-    parser.add_argument("--emulator", required=True, help="an emulator bundle of the same model")
-    parser.add_argument("--train", type=int, default=2000, help="Multi30k training pairs")
-    parser.add_argument("--test", type=int, default=1000, help="Multi30k test pairs")
-    parser.add_argument("--max-new-tokens", type=int, default=40)
-    parser.add_argument("--e2e-train", type=int, default=2000, help="E2E devset rows to train on")
-    parser.add_argument("--e2e-test", type=int, help="E2E distinct test inputs (default: all)")
-    parser.add_argument("--e2e-max-new-tokens", type=int, default=64)
-    parser.add_argument("--skip-e2e", action="store_true")
-    parser.add_argument("--batch", type=int, default=32, help="prompts decoded at once")
-    parser.add_argument("--max-length", type=int, default=128)
-    parser.add_argument("--pema-epochs", type=int, default=5)
-    parser.add_argument("--lambda-max", type=float, default=PemaConfig.lambda_max)
-    parser.add_argument("--train-blocks", default="top", choices=["all", "top", "bottom"])
-    parser.add_argument("--skip-efficiency", action="store_true")
-    parser.add_argument("--workdir")
-    parser.add_argument("--out", default=str(RESULTS))
-    args = parser.parse_args()
-    result = run(args)
+    tasks = load_tasks(args)
+    meta: dict[str, Any] = {"device": f"CPU ({platform.machine()}), torch threads {torch.get_num_threads()}"}
+    if not args.report:
+        bench = PemaBench(args)
+        rows = [r for r in args.rows.split(",") if r]
+        for task in tasks.values():
+            bench.run_task(task, [int(s) for s in args.seeds.split(",") if s], rows)
+        meta |= {
+            "model": bench.model_name,
+            "emulator": bench.emulator_manifest["id"],
+            "bridge": bench.bridge()[1] if any(r.startswith("hybrid") for r in rows) else None,
+            "pema": asdict(bench.pema_config),
+            "recipe": asdict(bench.recipe),
+        }
     out = Path(args.out)
-    write_results(out, result, markdown(result))
+    previous = out.with_suffix(".json")
+    if args.report and previous.is_file():  # the run that made the cells knew the model and the emulator
+        meta = {**json.loads(previous.read_text()).get("meta", {}), **meta}
+    report = build_report(Cells(Path(args.cells)), tasks)
+    report["meta"] = {**meta, "seconds_this_run": round(time.perf_counter() - started, 1)}
+    report["out"] = str(out)
+    write_results(out, report, markdown(report, report["meta"]))
+    plot(report, out.with_suffix(".png"))
+    return report
 
 
 if __name__ == "__main__":

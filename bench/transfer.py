@@ -22,14 +22,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
 import json
 import platform
 import re
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -55,6 +53,7 @@ from offsite.owner.store import Store
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from cells import Cells  # noqa: E402
 from results_files import write_results  # noqa: E402
 from transfer_tasks import DEFAULT_TASKS, FORMATS, TASKS, Item, TaskData, to_example  # noqa: E402
 
@@ -107,33 +106,6 @@ def load_recipe(path: Path = RECIPE_FILE) -> Recipe:
 
 def outcome_bits(scores: list[ExampleScore], norm: bool) -> str:
     return "".join("1" if (s.correct_norm if norm else s.correct) else "0" for s in scores)
-
-
-class Cells:
-    """One JSON file per measured cell, named by everything its numbers depend on."""
-
-    def __init__(self, directory: Path):
-        self.directory = directory
-
-    def path(self, facts: dict[str, Any]) -> Path:
-        key = hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:16]
-        return self.directory / f"{facts['task']}-{facts['row']}-{key}.json"
-
-    def get(self, facts: dict[str, Any]) -> dict[str, Any] | None:
-        path = self.path(facts)
-        return json.loads(path.read_text()) if path.is_file() else None
-
-    def put(self, facts: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        record = {**facts, **result}
-        partial = self.path(facts).with_suffix(".partial")
-        partial.write_text(json.dumps(record, indent=1) + "\n")
-        partial.rename(self.path(facts))
-        return record
-
-    def all(self) -> Iterator[dict[str, Any]]:
-        for path in sorted(self.directory.glob("*.json")):
-            yield json.loads(path.read_text())
 
 
 def split_specs(text: str) -> list[str]:

@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from ..common.adapter_format import LORA, renumber_blocks
 from ..common.architectures import spec_for
+from ..common.bridge import Bridge, bundle_bridge
 from ..common.contract import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE
 from ..common.manifest import read_manifest, verify_bundle, verify_files
 
@@ -22,6 +23,11 @@ def load_emulator(
     manifest = verify_bundle(directory, owner_key)
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
     return model, AutoTokenizer.from_pretrained(directory), manifest
+
+
+def load_bridge(directory: Path, manifest: dict, emulator: PreTrainedModel) -> Bridge | None:
+    """The bridge a bundle verified by `load_emulator` ships (checked against the emulator's width), or None."""
+    return bundle_bridge(directory, manifest, int(emulator.config.hidden_size))
 
 
 def plug_into_emulator(emulator: PreTrainedModel, emulator_manifest: dict, adapter_dir: Path) -> torch.nn.Module:

@@ -1,7 +1,9 @@
 """`offsite memory build`: the external memory of (f(c), next token) pairs, from the owner or from the emulator.
 
 - `--server`: the owner computes f(c) with the full model. The token ids of every context go to the owner.
-- `--emulator`: the pulled emulator computes it on this machine, and nothing leaves it (the hybrid).
+- `--emulator`: the pulled emulator computes it on this machine, and nothing leaves it (the hybrid). Where the bundle
+  ships the owner's bridge, every state goes through it (unless `bridge=False`), so the keys resemble the full
+  model's f(c), which the adapter meets at generation time; memory.json records `bridge`: whether it did.
 """
 
 from __future__ import annotations
@@ -10,9 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from ..common import output_dir
+from ..common.bridge import BridgedRepresenter
 from ..common.examples import Example
 from ..common.manifest import verify_bundle
 from ..common.pema.memory import Memory
@@ -26,7 +29,7 @@ from ..common.pema.representation import (
     teacher_forcing,
 )
 from .connection import Remote
-from .local_model import load_emulator
+from .local_model import load_bridge, load_emulator
 from .representations import RemoteRepresenter
 
 
@@ -55,6 +58,21 @@ def _build(
         tqdm(total=len(contexts), desc="building memory", unit="ex", disable=not show_progress) as bar,
     ):
         return build_memory(representer, contexts, work, dtype, info, progress=bar.update)
+
+
+def _emulator_representer(
+    emulator: PreTrainedModel, directory: Path, manifest: dict[str, Any], bridge: bool
+) -> Representer:
+    """The emulator's f(c), through the bundle's bridge where it ships one and `bridge` asks for it."""
+    local = LocalRepresenter(emulator)
+    owner_bridge = load_bridge(directory, manifest, emulator) if bridge else None
+    return local if owner_bridge is None else BridgedRepresenter(local, owner_bridge)
+
+
+def hybrid_representer(emulator_dir: Path, owner_key: str | None = None, bridge: bool = True) -> Representer:
+    """What a hybrid memory is built with: the verified emulator bundle's states, bridged where it ships a bridge."""
+    emulator, _, manifest = load_emulator(emulator_dir, owner_key)
+    return _emulator_representer(emulator, emulator_dir, manifest, bridge)
 
 
 def build_memory_remote(
@@ -89,9 +107,14 @@ def build_memory_local(
     owner_key: str | None = None,
     show_progress: bool = True,
     contexts: str = TEACHER_FORCING,
+    bridge: bool = True,
 ) -> Memory:
     output_dir.check(out, output_dir.MEMORY)  # before the emulator loads
     emulator, tokenizer, manifest = load_emulator(emulator_dir, owner_key)
-    info = {"source": f"emulator {manifest['id']}", "base_fingerprint": manifest["base_fingerprint"]}
-    representer = LocalRepresenter(emulator)
+    representer = _emulator_representer(emulator, emulator_dir, manifest, bridge)
+    info = {
+        "source": f"emulator {manifest['id']}",
+        "base_fingerprint": manifest["base_fingerprint"],
+        "bridge": isinstance(representer, BridgedRepresenter),
+    }
     return _build(representer, tokenizer, examples, out, dtype, max_length, info, show_progress, contexts)

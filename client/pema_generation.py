@@ -1,4 +1,6 @@
-"""PEMA generation on the data owner's side: each step asks `Represent` for f(x) and P_LM; the adapter stays here."""
+"""PEMA generation on the data owner's side: each step asks `Represent` for f(x); the pulled head gives P_LM from
+it, and the adapter stays here. It runs the same token loop as the owner (common/generation), so the same adapter,
+prompt and sampling settings give the same text on either side."""
 
 from __future__ import annotations
 
@@ -9,11 +11,37 @@ import torch
 from transformers import AutoTokenizer
 
 from ..common.examples import encode
+from ..common.generation.loop import Piece, stream
+from ..common.generation.sampling import SamplingConfig
+from ..common.generation.steppers import StepResult
 from ..common.pema.bundle import load_pema
-from ..common.pema.generation import decoded_increments, generate_pema
+from ..common.pema.head import Head
+from ..common.pema.policy import pema_policy
 from .connection import Remote
 from .representations import RemoteRepresenter
 from .training.pema import load_head
+
+
+class RemoteStepper:
+    """The owner keeps no cache between calls: each step sends every running row's whole sequence."""
+
+    def __init__(self, representer: RemoteRepresenter, head: Head):
+        self.representer, self.head = representer, head
+        self.sequences: list[list[int]] = []
+
+    def start(self, prompts: Sequence[Sequence[int]]) -> StepResult:
+        self.sequences = [list(p) for p in prompts]
+        return self._ask(range(len(prompts)))
+
+    def advance(self, rows: Sequence[int], tokens: Sequence[int]) -> StepResult:
+        for row, token in zip(rows, tokens, strict=True):
+            self.sequences[row].append(token)
+        return self._ask(rows)
+
+    def _ask(self, rows: Sequence[int]) -> StepResult:
+        # The owner's head, pulled and verified, gives P_LM from f(x): no log-probs need cross the wire.
+        states = self.representer.last([self.sequences[row] for row in rows])
+        return states, torch.log_softmax(self.head.logits(states).float(), dim=-1)
 
 
 def generate_remote_pema(
@@ -21,23 +49,17 @@ def generate_remote_pema(
     adapter_dir: Path,
     head_dir: Path,
     prompt: str,
-    max_new_tokens: int,
+    sampling: SamplingConfig,
     planned_length: int | None = None,
     owner_key: str | None = None,
-) -> Iterator[tuple[int, str]]:
-    """(token id, newly decoded text) per step, greedy with the adapter's λ schedule."""
+) -> Iterator[Piece]:
+    """One piece per step, with the adapter's λ schedule; GU over `planned_length` (default: the adapter's own
+    prediction from the prompt, else max_new_tokens)."""
+    sampling.check()
     adapter, config = load_pema(adapter_dir)
     head, _ = load_head(head_dir, owner_key)
     tokenizer = AutoTokenizer.from_pretrained(head_dir)
-    representer = RemoteRepresenter(remote, adapter.A.weight.shape[1])
-
-    def step(ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        # The owner's head, pulled and verified, gives P_LM from f(x): no log-probs need cross the wire.
-        state = representer.last(ids)
-        return state, torch.log_softmax(head.logits(state).float(), dim=-1)
-
+    stepper = RemoteStepper(RemoteRepresenter(remote, adapter.A.weight.shape[1]), head)
+    policy = pema_policy(adapter, head, config, sampling.max_new_tokens, [planned_length] if planned_length else None)
     prompt_ids = encode(tokenizer, prompt, special=True)
-    tokens = generate_pema(
-        step, adapter, head, config, prompt_ids, max_new_tokens, tokenizer.eos_token_id, planned_length
-    )
-    return decoded_increments(tokenizer, tokens)
+    return stream(stepper, prompt_ids, policy, sampling, tokenizer.eos_token_id, tokenizer)

@@ -41,8 +41,11 @@ class RemoteRepresenter:
             raise ValueError(f"asked for {len(sequences)} next tokens, the owner sent {len(tokens)}")
         return tokens
 
-    def last(self, ids: Sequence[int]) -> torch.Tensor:
-        """f(x) at the last position, for one step of generation (the pulled head turns it into P_LM here)."""
-        request = pb.RepresentRequest(token_ids=list(ids), dtype=self.dtype, last_only=True)
-        [response] = list(self.remote.represent(iter([request])))
-        return self._hidden(response)[-1]
+    def last(self, sequences: Sequence[Sequence[int]]) -> torch.Tensor:
+        """[len(sequences), hidden]: f(x) at the last position of each, for one step of generation (the pulled head
+        turns it into P_LM here)."""
+        requests = (pb.RepresentRequest(token_ids=list(ids), dtype=self.dtype, last_only=True) for ids in sequences)
+        states = [self._hidden(response)[-1] for response in self.remote.represent(requests)]
+        if len(states) != len(sequences):
+            raise ValueError(f"asked for {len(sequences)} representations, the owner sent {len(states)}")
+        return torch.stack(states)

@@ -1,4 +1,4 @@
-"""Uncertainty of accuracies: bootstrap CIs over examples and seeds, and paired tests (the benchmark and the demo).
+"""Uncertainty of accuracies and corpus scores: bootstrap CIs over examples and seeds, and paired tests.
 
 A cell's outcome is a 0/1 vector over the same test examples; a row holds one vector per seed (a matrix
 seeds × examples). Resampling draws seeds and examples with replacement, so the interval covers both the test-set
@@ -7,6 +7,7 @@ noise and the training noise. Two rows are compared on the same resampled exampl
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -139,3 +140,49 @@ def suite_ratio(pairs: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> Estim
     if not finite.size:  # no gain to recover in any resample: the ratio is undefined
         return Estimate(ratio, float("nan"), float("nan"))
     return Estimate(ratio, *_interval(finite))
+
+
+# ---- corpus metrics (BLEU, chrF): scored from per-example sufficient statistics, summed over the drawn examples
+
+Score = Callable[[np.ndarray], float]  # summed statistics [k] -> corpus score
+
+
+def _draw_counts(example_draws: np.ndarray, examples: int) -> np.ndarray:
+    """[draws, examples]: how often each example was drawn."""
+    counts = np.zeros((example_draws.shape[0], examples))
+    np.add.at(counts, (np.arange(example_draws.shape[0])[:, None], example_draws), 1)
+    return counts
+
+
+def _resampled_scores(per_seed: np.ndarray, seed_draws: np.ndarray, counts: np.ndarray, score: Score) -> np.ndarray:
+    # per draw: mean over the drawn seeds of each seed's corpus score on the drawn examples
+    summed = np.einsum("bn,snk->bsk", counts, per_seed)
+    scores = np.array([[score(summed[b, s]) for s in range(per_seed.shape[0])] for b in range(summed.shape[0])])
+    return np.take_along_axis(scores, seed_draws, axis=1).mean(axis=1)
+
+
+def _observed(per_seed: np.ndarray, score: Score) -> float:
+    return float(np.mean([score(seed.sum(axis=0)) for seed in per_seed]))
+
+
+def statistic_estimate(per_seed: np.ndarray, score: Score) -> Estimate:
+    """Mean over seeds of a corpus score, `per_seed` seeds × examples × k statistics, and its bootstrap CI."""
+    per_seed = np.asarray(per_seed, dtype=float)
+    rng = np.random.default_rng(BOOTSTRAP_SEED)
+    seed_draws, example_draws = _draws(per_seed.shape[0], per_seed.shape[1], rng)
+    samples = _resampled_scores(per_seed, seed_draws, _draw_counts(example_draws, per_seed.shape[1]), score)
+    return Estimate(_observed(per_seed, score), *_interval(samples))
+
+
+def statistic_compare(a: np.ndarray, b: np.ndarray, score: Score, same_seeds: bool = False) -> Comparison:
+    """`compare` for corpus scores: both rows on the same resampled examples."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"rows scored on different examples: {a.shape[1]} against {b.shape[1]}")
+    rng = np.random.default_rng(BOOTSTRAP_SEED)
+    counts = _draw_counts(rng.integers(0, a.shape[1], size=(BOOTSTRAP_SAMPLES, a.shape[1])), a.shape[1])
+    seeds_a, seeds_b = _seed_draws(a, b, same_seeds, rng)
+    samples = _resampled_scores(a, seeds_a, counts, score) - _resampled_scores(b, seeds_b, counts, score)
+    crossing = min((samples <= 0).mean(), (samples >= 0).mean())
+    observed = _observed(a, score) - _observed(b, score)
+    return Comparison(Estimate(observed, *_interval(samples)), float(min(1.0, 2 * crossing)))

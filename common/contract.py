@@ -38,6 +38,9 @@ STREAM_DEADLINE_SECONDS = 6 * 3600.0  # an evaluation of a large set on CPU can 
 MAX_EVAL_EXAMPLES = 20_000
 MAX_EXAMPLE_CHARS = 20_000
 MAX_NEW_TOKENS = 1024
+MAX_TEMPERATURE = 10.0
+MAX_STOP_STRINGS = 4  # per Generate request
+MAX_STOP_CHARS = 64  # per stop string: each step searches the generated text for every one
 CONTEXT_FALLBACK = 2048  # a model's context where its config names none (Bloom)
 DEFAULT_MAX_LENGTH = 256  # tokens per scored sequence (less where the model's context is shorter)
 MAX_EVAL_BATCH_TOKENS = 16_384  # per forward: the batch-size cap is this over the scored length (64 at 256)
@@ -58,6 +61,7 @@ MANIFEST_NAME = "offsite.json"
 EMULATOR_FORMAT = "offsite.emulator/1"
 ADAPTER_FORMAT = "offsite.adapter/1"
 HEAD_FORMAT = "offsite.head/1"
+BRIDGE_WEIGHTS_FILE = "bridge.safetensors"  # optional in an emulator bundle: the hybrid's emulator-to-full map
 
 # Authentication
 TOKEN_METADATA_KEY = "authorization"

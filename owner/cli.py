@@ -10,6 +10,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 from ..common import output_dir
 from ..common.architectures import UnsupportedArchitecture
@@ -255,7 +256,12 @@ def cmd_config_check(args: argparse.Namespace) -> None:
 
 
 def cmd_build_emulator(args: argparse.Namespace) -> None:
-    given = (("steps", args.steps), ("data", args.data), ("place", args.place))
+    given = (
+        ("steps", args.steps),
+        ("data", args.data),
+        ("place", args.place),
+        ("bridge", "1" if args.bridge else None),
+    )
     options = "".join(f",{key}={value}" for key, value in given if value)
     spec = EmulatorSpec.parse(f"{args.method}:{args.layout}{options}")
     out = Path(args.out)
@@ -275,10 +281,24 @@ def cmd_build_emulator(args: argparse.Namespace) -> None:
             "block_map": manifest["block_map"],
             "adapter_blocks": manifest["adapter_blocks"],
             "parameters": manifest["parameters"],
+            "bridge": manifest["report_card"].get("bridge"),
         },
         args.json,
         f"wrote emulator {manifest['id']} to {args.out}: blocks {manifest['block_map']}, "
-        f"{manifest['parameters']:,} parameters, adapter blocks {manifest['adapter_blocks']['full']}",
+        f"{manifest['parameters']:,} parameters, adapter blocks {manifest['adapter_blocks']['full']}"
+        + bridge_summary(manifest["report_card"].get("bridge")),
+    )
+
+
+def bridge_summary(card: dict[str, Any] | None) -> str:
+    """What the bridge gives away, in a line the owner reads before serving the bundle."""
+    if card is None:
+        return ""
+    return (
+        f"\nbridge on held-out text: cosine {card['cosine_before']:.3f} -> {card['cosine_after']:.3f}, "
+        f"NMSE {card['nmse_before']:.3f} -> {card['nmse_after']:.3f}; through the head, top-1 agreement with the "
+        f"full model {card['top1_emulator']:.3f} -> {card['top1_bridged']:.3f}, perplexity "
+        f"{card['perplexity_emulator']:.2f} -> {card['perplexity_bridged']:.2f} (full {card['perplexity_full']:.2f})"
     )
 
 
@@ -472,6 +492,13 @@ def parser() -> argparse.ArgumentParser:
         "--place",
         choices=PLACEMENTS,
         help="uniform, distill: adapter blocks at the layout's ends (default) or the L+R most important blocks",
+    )
+    build.add_argument(
+        "--bridge",
+        action="store_true",
+        help="also fit and ship bridge.safetensors, an affine map from the emulator's final states to the full "
+        "model's, for hybrid PEMA (`offsite memory build --emulator` applies it); the report card shows what it "
+        "reveals. Same as the spec option bridge=1 of `serve --emulator`",
     )
     build.add_argument("--out", required=True)
     build.add_argument("--store", required=True, help="the store whose key signs the bundle")

@@ -149,7 +149,8 @@ SERVE_OPTIONS: tuple[Option, ...] = (
         "emulator",
         list,
         [DEFAULT_EMULATOR],
-        f"METHOD:L-N-R[,key=value...], e.g. distill:2-8-2,steps=100; repeatable (default {DEFAULT_EMULATOR})",
+        f"METHOD:L-N-R[,key=value...], e.g. distill:2-8-2,steps=100 (bridge=1 also ships the hybrid PEMA's "
+        f"bridge); repeatable (default {DEFAULT_EMULATOR})",
         check=_check_emulators,
     ),
     Option("eval_data", str, None, "the owner's own validation set (JSONL)", path=True),

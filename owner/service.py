@@ -10,7 +10,7 @@ import logging
 import shutil
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,12 +44,14 @@ from ..common.contract import (
     REPRESENT_LOG_PROBS,
 )
 from ..common.examples import DataError, Example, encode
+from ..common.generation.loop import Piece, model_policy, stream
+from ..common.generation.sampling import SamplingConfig
+from ..common.generation.steppers import LocalStepper
 from ..common.manifest import BundleError, read_manifest, verify_bundle, write_manifest
 from ..common.model_loading import LoadedModel, fingerprint, tokenizer_sha256
 from ..common.pema.bundle import load_pema
-from ..common.pema.generation import decoded_increments, generate_pema
 from ..common.pema.head import Head
-from ..common.pema.representation import LocalRepresenter
+from ..common.pema.policy import pema_policy
 from ..common.scoring import EvaluationReport, Progress, evaluation_steps
 from ..common.signing import public_key_hex
 from .adapters.plugin import plug
@@ -63,7 +65,6 @@ from .config import (
 )
 from .emulator import EmulatorSpec, build_emulator
 from .emulator.report_card import check_release
-from .generation import generate_stream
 from .limits import BudgetExceeded, LimitExceeded, TenantLimits, TokenBudget, TokenRate
 from .model_queue import CallEnded, Job, ModelQueue, ModelQueueFull
 from .representations import ALL_LOG_PROBS, LAST_LOG_PROBS, NO_LOG_PROBS, RepresentationBatcher, Represented
@@ -523,59 +524,44 @@ class OwnerService:
         tenant: str,
         adapter_id: str,
         prompt: str,
-        max_new_tokens: int,
-        temperature: float,
-        seed: int,
+        sampling: SamplingConfig,
         planned_length: int = 0,
         stop: threading.Event | None = None,
-    ) -> Iterator[tuple[int, str]]:
-        """(token, new text) one token per turn in the model queue; `stop` (the call ended) drops the rest."""
-        if not prompt:
-            raise invalid("empty prompt")
-        if not 1 <= max_new_tokens <= MAX_NEW_TOKENS:
-            raise invalid(f"max_new_tokens must be in 1..{MAX_NEW_TOKENS}")
-        if not 0 <= temperature <= 10:
-            raise invalid("temperature must be in 0..10")
+    ) -> Iterator[Piece]:
+        """One piece per token, one token per turn in the model queue; `stop` (the call ended) drops the rest."""
+        try:
+            sampling.check()
+        except ValueError as error:
+            raise invalid(str(error)) from None
         if not 0 <= planned_length <= MAX_NEW_TOKENS:
             raise invalid(f"planned_length must be in 0..{MAX_NEW_TOKENS} (0: max_new_tokens)")
+        prompt_ids = encode(self.loaded.tokenizer, prompt, special=True) if prompt else []
+        if not prompt_ids:
+            raise invalid("empty prompt")
         context = context_length(self.loaded.model.config) or CONTEXT_FALLBACK
-        prompt_tokens = len(encode(self.loaded.tokenizer, prompt, special=True))
-        if prompt_tokens + max_new_tokens > context:
+        if len(prompt_ids) + sampling.max_new_tokens > context:
             raise invalid(
-                f"the prompt is {prompt_tokens} tokens; with max_new_tokens {max_new_tokens} it must fit the model's "
-                f"context of {context} tokens (at most {max(0, context - max_new_tokens)} prompt tokens)"
+                f"the prompt is {len(prompt_ids)} tokens; with max_new_tokens {sampling.max_new_tokens} it must fit "
+                f"the model's context of {context} tokens (at most {max(0, context - sampling.max_new_tokens)} "
+                "prompt tokens)"
             )
         record = self.store.get_adapter(tenant, adapter_id) if adapter_id else None
-        if record is not None and record.method == PEMA:
-            steps = self._generate_pema(adapter_id, prompt, max_new_tokens, planned_length)
-        else:
-            steps = self._generate_plugged(tenant, adapter_id, prompt, max_new_tokens, temperature, seed)
-        return self._queued(tenant, steps, stop)
+        pema = record is not None and record.method == PEMA
 
-    def _generate_plugged(
-        self, tenant: str, adapter_id: str, prompt: str, max_new_tokens: int, temperature: float, seed: int
-    ) -> Iterator[tuple[int, str]]:
-        model = self._model_for(tenant, adapter_id)  # in the first step: plugging is model work
-        yield from generate_stream(model, self.loaded.tokenizer, prompt, max_new_tokens, temperature, seed)
+        def steps() -> Iterator[Piece]:
+            # In the first turn: loading a PEMA adapter or plugging one in is model work.
+            if pema:
+                adapter, config = load_pema(self._verified_adapter_dir(adapter_id))
+                head = Head.from_model(self.loaded.model)
+                model = self.loaded.model
+                planned = [planned_length] if planned_length else None  # 0: the adapter predicts L from the prompt
+                policy = pema_policy(adapter, head, config, sampling.max_new_tokens, planned)
+            else:
+                model, policy = self._model_for(tenant, adapter_id), model_policy
+            eos_id = self.loaded.tokenizer.eos_token_id
+            yield from stream(LocalStepper(model), prompt_ids, policy, sampling, eos_id, self.loaded.tokenizer)
 
-    def _generate_pema(
-        self, adapter_id: str, prompt: str, max_new_tokens: int, planned_length: int
-    ) -> Iterator[tuple[int, str]]:
-        """Greedy, with Gradual Unrolling over the full model's own representations; loads in the first step."""
-        adapter, config = load_pema(self._verified_adapter_dir(adapter_id))
-        head = Head.from_model(self.loaded.model)
-        tokenizer = self.loaded.tokenizer
-        representer = LocalRepresenter(self.loaded.model)
-
-        def step(ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-            states, logits = representer.forward([ids])
-            return states[0][-1], torch.log_softmax(logits[0][-1], dim=-1)
-
-        prompt_ids = encode(tokenizer, prompt, special=True)
-        tokens = generate_pema(
-            step, adapter, head, config, prompt_ids, max_new_tokens, tokenizer.eos_token_id, planned_length or None
-        )
-        yield from decoded_increments(tokenizer, tokens)
+        return self._queued(tenant, steps(), stop)
 
     # Represent
 

@@ -15,6 +15,7 @@ import torch
 
 from ..common.contract import TOKEN_METADATA_KEY, TOKEN_SCHEME
 from ..common.examples import Example
+from ..common.generation.sampling import SamplingConfig
 from ..common.rpc import pb, pb_grpc
 from ..common.scoring import EvaluationReport
 from ..common.wire_tensors import WIRE_DTYPES, tensor_bytes
@@ -264,21 +265,25 @@ class OwnerServicer(pb_grpc.ModelOwnerServicer):
     def Generate(
         self, tenant: str, request: pb.GenerateRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.GenerateEvent]:
-        temperature = request.temperature if math.isfinite(request.temperature) else -1.0
-        tokens = self.service.generate(
-            tenant,
-            request.adapter_id,
-            request.prompt,
-            request.max_new_tokens,
-            temperature,
-            request.seed,
-            request.planned_length,
-            ended_event(context),
+        sampling = SamplingConfig(
+            max_new_tokens=request.max_new_tokens,
+            temperature=request.temperature,
+            top_p=request.top_p or 1.0,  # unset on the wire: no nucleus filtering
+            seed=request.seed,
+            stop=tuple(request.stop),
         )
-        with closing(tokens):  # closed when this stream is: its turn in the model queue is given up at once
-            for token, text in tokens:
-                yield pb.GenerateEvent(text=text, token_id=token)
-        yield pb.GenerateEvent(done=True)
+        pieces = self.service.generate(
+            tenant, request.adapter_id, request.prompt, sampling, request.planned_length, ended_event(context)
+        )
+        tail, finish = "", ""
+        with closing(pieces):  # closed when this stream is: its turn in the model queue is given up at once
+            for piece in pieces:
+                if piece.token is None:  # ended on end-of-text: any text held back goes with the done event
+                    tail = piece.text
+                else:
+                    yield pb.GenerateEvent(text=piece.text, token_id=piece.token)
+                finish = piece.finish or finish
+        yield pb.GenerateEvent(done=True, text=tail, finish_reason=finish)
 
     def Represent(
         self, request_iterator: Iterator[pb.RepresentRequest], context: grpc.ServicerContext

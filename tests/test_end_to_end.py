@@ -128,11 +128,12 @@ def test_pema_workflow_through_the_cli(tiny_model_dir, daemon, tmp_path: Path) -
     _, pushed, _ = cli("push", "--server", address, "--adapter", str(tmp_path / "p"), env=env)
     assert pushed["method"] == "pema"
     prompt = ["--prompt", "Review: great film 3\nSentiment:", "--max-new-tokens", "3", "--method", "pema"]
+    prompt[:0] = ["--temperature", "0.8", "--top-p", "0.9", "--seed", "5", "--stop", "\n\n"]  # sampled, both sides
     on_owner = ["generate", "--server", address, "--adapter-id", pushed["adapter_id"]]
     _, owner_side, _ = cli(*on_owner, *prompt, env=env)
     _, here, _ = cli(
         "generate", "--server", address, "--adapter", str(tmp_path / "p"), "--head", str(head), *prompt, env=env
     )
-    assert owner_side["text"] == here["text"]
+    assert (owner_side["text"], owner_side["finish_reason"]) == (here["text"], here["finish_reason"])
     code, wrong, _ = cli(*on_owner, *prompt[:-1], "lora", env=env, check=False)
     assert code == 2 and "is a pema adapter, not lora" in wrong["error"]

@@ -134,10 +134,20 @@ def test_evaluate_requests(owner: InProcessOwner, adapter_id, items, use_owner_d
     max_new_tokens=st.one_of(st.integers(-(2**31), 0), st.integers(1, 3), st.integers(1025, 2**31 - 1)),
     temperature=st.floats(allow_nan=True, allow_infinity=True, width=32),
     seed=int64s,
+    top_p=st.floats(allow_nan=True, allow_infinity=True, width=32),
+    stop=st.lists(st.text(max_size=80), max_size=6),
 )
-def test_generate_requests(owner: InProcessOwner, adapter_id, prompt, max_new_tokens, temperature, seed) -> None:
+def test_generate_requests(
+    owner: InProcessOwner, adapter_id, prompt, max_new_tokens, temperature, seed, top_p, stop
+) -> None:
     request = pb.GenerateRequest(
-        adapter_id=adapter_id, prompt=prompt, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed
+        adapter_id=adapter_id,
+        prompt=prompt,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        seed=seed,
+        top_p=top_p,
+        stop=stop,
     )
     with owner.remote() as remote:
         code = _call(lambda: remote.generate(request))

@@ -16,7 +16,7 @@ from offsite.common.pema.head import Head
 from offsite.common.pema.memory import KEYS_FILE, InvalidMemory, Memory, MemoryWriter
 from offsite.common.pema.representation import LocalRepresenter, build_memory, own_generation, teacher_forcing
 from offsite.common.pema.training import train_pema
-from offsite.common.pema.unrolling import mix, unrolling_lambda
+from offsite.common.pema.unrolling import mix, unrolling_lambda, unrolling_lambdas
 
 
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
@@ -24,8 +24,8 @@ def test_memory_round_trip(tmp_path: Path, dtype: str) -> None:
     keys = torch.randn(10, 6)
     values = torch.arange(10) * 7
     writer = MemoryWriter(tmp_path / "memory", 10, 6, dtype, {"source": "test"})
-    writer.add(keys[:4], values[:4])
-    writer.add(keys[4:], values[4:])
+    writer.add(keys[:4], values[:4], group=0)
+    writer.add(keys[4:], values[4:], group=0)
     memory = writer.close()
     assert not (tmp_path / "memory.partial").exists()
     reopened = Memory.open(tmp_path / "memory")
@@ -36,26 +36,31 @@ def test_memory_round_trip(tmp_path: Path, dtype: str) -> None:
     torch.testing.assert_close(got_keys, keys[[1, 3]], atol=tolerance, rtol=tolerance)
     assert got_values.tolist() == [7, 21]
     assert len(memory) == 10
+    starts, counts, groups = reopened.examples()
+    assert starts.tolist() == [0, 4] and counts.tolist() == [4, 6] and groups.tolist() == [0, 0]
 
 
 def test_incomplete_memories_are_refused(tmp_path: Path) -> None:
     writer = MemoryWriter(tmp_path / "memory", 3, 4, "float32", {})
-    writer.add(torch.zeros(2, 4), torch.zeros(2))
+    writer.add(torch.zeros(2, 4), torch.zeros(2), group=0)
     with pytest.raises(InvalidMemory, match="holds 2 of 3 rows"):
         writer.close()
     complete = MemoryWriter(tmp_path / "ok", 2, 4, "float32", {})
-    complete.add(torch.zeros(2, 4), torch.zeros(2))
+    complete.add(torch.zeros(2, 4), torch.zeros(2), group=0)
     complete.close()
     (tmp_path / "ok" / KEYS_FILE).write_bytes(b"\x93NUMPY garbage")
     with pytest.raises(InvalidMemory, match="not a complete memory"):
         Memory.open(tmp_path / "ok")
 
 
-def test_gradual_unrolling_schedule_arithmetic() -> None:
-    assert unrolling_lambda(0, 10, 0.9) == pytest.approx(0.81)
+def test_gradual_unrolling_schedule_is_the_reference_codes() -> None:
+    assert unrolling_lambda(0, 10, 0.9) == pytest.approx(0.9)  # the first token takes λ_max, not squared
+    assert unrolling_lambda(1, 10, 0.9) == pytest.approx(0.81**2)
     assert unrolling_lambda(5, 10, 0.9) == pytest.approx(0.45**2)
-    assert unrolling_lambda(10, 10, 0.9) == 0.0
-    assert unrolling_lambda(15, 10, 0.9) == 0.0  # past L it stays at the model's own distribution
+    # the decrement stops before λ reaches zero: (λ_max / L)² from step L − 1 on
+    assert unrolling_lambda(9, 10, 0.9) == unrolling_lambda(15, 10, 0.9) == pytest.approx(0.09**2)
+    batch = unrolling_lambdas(5, torch.tensor([10, 20]), 0.9)
+    torch.testing.assert_close(batch, torch.tensor([0.45**2, 0.675**2]))
     assert [unrolling_lambda(step, 10, 0.9, "constant") for step in (0, 5, 10, 15)] == [0.9] * 4
     with pytest.raises(ValueError, match="at least 1"):
         unrolling_lambda(0, 0, 0.9)
@@ -68,6 +73,8 @@ def test_mix_is_a_log_space_mixture() -> None:
     mixed = mix(pema, lm, 0.3)
     torch.testing.assert_close(mixed.exp(), 0.3 * pema.exp() + 0.7 * lm.exp())
     assert float(torch.logsumexp(mixed, -1)) == pytest.approx(0.0, abs=1e-6)
+    rows = mix(torch.stack([pema, pema]), torch.stack([lm, lm]), torch.tensor([0.0, 0.3]))
+    torch.testing.assert_close(rows, torch.stack([lm, mixed]))
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
@@ -115,13 +122,16 @@ def test_own_generation_contexts_continue_with_the_models_greedy_tokens(tiny_mod
     assert memory.values.tolist() == [t for c in gold for t in c.targets]
 
 
-def _synthetic_memory(tmp_path: Path, rows: int = 2000, hidden: int = 32, vocab: int = 12) -> tuple[Memory, Head]:
+def _synthetic_memory(
+    tmp_path: Path, rows: int = 2000, hidden: int = 32, vocab: int = 12, per_example: int = 10
+) -> tuple[Memory, Head]:
     """Keys in an 8-dimensional subspace; each key's value is the class a fixed random probe picks."""
     generator = torch.Generator().manual_seed(0)
     keys = torch.randn(rows, 8, generator=generator) @ torch.randn(8, hidden, generator=generator)
     values = (keys @ torch.randn(hidden, vocab, generator=generator)).argmax(-1)
     writer = MemoryWriter(tmp_path / "memory", rows, hidden, "float32", {})
-    writer.add(keys, values)
+    for example, first in enumerate(range(0, rows, per_example)):
+        writer.add(keys[first : first + per_example], values[first : first + per_example], group=example)
     head = Head("rms", 1e-6, torch.ones(hidden), None, torch.randn(vocab, hidden, generator=generator))
     return writer.close(), head
 

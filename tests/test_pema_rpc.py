@@ -22,6 +22,7 @@ from offsite.client.push import push_adapter
 from offsite.client.training.pema import train_pema_bundle
 from offsite.common.contract import PEMA_WEIGHTS_FILE
 from offsite.common.examples import Example
+from offsite.common.generation.sampling import SamplingConfig
 from offsite.common.manifest import read_manifest, write_manifest
 from offsite.common.pema.config import PemaConfig
 from offsite.common.pema.head import Head
@@ -144,7 +145,8 @@ def test_remote_and_local_memories_agree_and_generation_matches_owner_side(
         pushed = push_adapter(remote, tmp_path / "pema", show_progress=False)
         assert pushed.method == "pema" and {c.name for c in pushed.checks} >= {"shapes", "finite"}
         prompt, request = EXAMPLES[0].prompt, {"max_new_tokens": 6, "planned_length": 4}
-        remote_tokens = [t for t, _ in generate_remote_pema(remote, tmp_path / "pema", tmp_path / "head", prompt, 6, 4)]
+        pieces = generate_remote_pema(remote, tmp_path / "pema", tmp_path / "head", prompt, SamplingConfig(6), 4)
+        remote_tokens = [p.token for p in pieces if p.token is not None]
         events = list(remote.generate(pb.GenerateRequest(adapter_id=pushed.adapter_id, prompt=prompt, **request)))
     owner_tokens = [e.token_id for e in events if not e.done]
     assert remote_tokens and remote_tokens == owner_tokens

@@ -9,7 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from ...common.cli_output import emit
+from ...common.contract import MAX_STOP_STRINGS
 from ...common.examples import read_jsonl
+from ...common.generation.sampling import SamplingConfig
 from ...common.rpc import pb
 from ..connection import Remote
 from ..evaluation import evaluate_local, evaluate_remote
@@ -73,38 +75,51 @@ def _check_generate_method(args: argparse.Namespace, remote: Remote) -> None:
         raise ValueError(f"--method {args.method} needs --adapter-id ID (on the owner) or --adapter DIR (PEMA, here)")
 
 
-def _pieces(args: argparse.Namespace, remote: Remote) -> Iterator[str]:
+def _pieces(args: argparse.Namespace, remote: Remote) -> Iterator[tuple[str, str]]:
+    """(new text, finish reason: '' until the last) as the tokens come."""
     _check_generate_method(args, remote)
+    sampling = SamplingConfig(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        stop=tuple(args.stop or ()),
+    )
+    sampling.check()  # before any token id reaches the owner
     if args.adapter:  # PEMA here, the owner's model through Represent
         if not args.head:
             raise ValueError("--adapter (a local PEMA bundle) needs --head DIR")
         steps = generate_remote_pema(
-            remote, Path(args.adapter), Path(args.head), args.prompt, args.max_new_tokens, args.planned_length
+            remote, Path(args.adapter), Path(args.head), args.prompt, sampling, args.planned_length
         )
-        return (text for _, text in steps)
+        return ((piece.text, piece.finish or "") for piece in steps)
     request = pb.GenerateRequest(
         adapter_id=args.adapter_id or "",
         prompt=args.prompt,
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        seed=args.seed,
+        max_new_tokens=sampling.max_new_tokens,
+        temperature=sampling.temperature,
+        top_p=sampling.top_p,
+        seed=sampling.seed,
+        stop=list(sampling.stop),
         planned_length=args.planned_length or 0,
     )
-    return (event.text for event in remote.generate(request) if event.text)
+    return ((event.text, event.finish_reason) for event in remote.generate(request))
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
     pieces: list[str] = []
+    finish = ""
     with connect(target(args)) as remote:
-        for piece in _pieces(args, remote):
+        for piece, reason in _pieces(args, remote):
             pieces.append(piece)
+            finish = reason or finish
             if not args.json:
                 print(piece, end="", flush=True)
     if not args.json:
         print()
     text = "".join(pieces)
     if args.json:
-        emit({"ok": True, "text": text, "adapter_id": args.adapter_id or ""}, True, text)
+        emit({"ok": True, "text": text, "adapter_id": args.adapter_id or "", "finish_reason": finish}, True, text)
 
 
 def register(commands: Commands) -> None:
@@ -128,7 +143,16 @@ def register(commands: Commands) -> None:
     )
     generate.add_argument("--prompt", required=True)
     generate.add_argument("--max-new-tokens", type=int, default=64)
-    generate.add_argument("--temperature", type=float, default=0.0)
+    generate.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    generate.add_argument(
+        "--top-p", type=float, default=1.0, help="with --temperature: sample from the smallest set holding this mass"
+    )
+    generate.add_argument(
+        "--stop",
+        action="append",
+        metavar="TEXT",
+        help=f"end before this text (repeatable, up to {MAX_STOP_STRINGS}); the output excludes it",
+    )
     generate.add_argument("--seed", type=int, default=0)
     generate.add_argument(
         "--adapter", help="a local PEMA bundle: generate here, asking the owner only for f(x) and P_LM each step"

@@ -22,9 +22,17 @@ def cmd_memory_build(args: argparse.Namespace) -> None:
     out = Path(args.out)
     if args.emulator:
         memory = build_memory_local(
-            Path(args.emulator), examples, out, args.dtype, args.max_length, args.owner_key, contexts=args.contexts
+            Path(args.emulator),
+            examples,
+            out,
+            args.dtype,
+            args.max_length,
+            args.owner_key,
+            contexts=args.contexts,
+            bridge=args.bridge,
         )
-        where = f"the emulator {args.emulator}, on this machine; nothing was sent"
+        bridged = ", through the owner's bridge" if memory.info["bridge"] else ""
+        where = f"the emulator {args.emulator}{bridged}, on this machine; nothing was sent"
     else:
         sent = "prompts and completions" if args.contexts == TEACHER_FORCING else "prompts"
         if not args.yes:
@@ -58,6 +66,13 @@ def register(commands: Commands) -> None:
     memory_build.add_argument("--yes", action="store_true", help="with --server: agree to send the token ids")
     memory_build.add_argument("--head", help="with --server: a pulled head (default: pull it into OUT-head)")
     memory_build.add_argument("--emulator", help="the pulled emulator computes f(c) here; nothing leaves (hybrid)")
+    memory_build.add_argument(
+        "--no-bridge",
+        dest="bridge",
+        action="store_false",
+        help="with --emulator: keep the emulator's own states even where the bundle ships the owner's bridge to the "
+        "full model's (memory.json records whether it was applied)",
+    )
     memory_build.add_argument("--data", required=True, help="JSONL of {prompt, completion}")
     memory_build.add_argument("--out", required=True)
     memory_build.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="of the keys")

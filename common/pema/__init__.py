@@ -6,4 +6,5 @@
 - `adapter.py`, `config.py`: the adapter `A`, `B_rct`, `B_pd` and its hyper-parameters.
 - `training.py`: phase 1 (reconstruction) and phase 2 (κ·reconstruction + (1−κ)·prediction), early stopping.
 - `unrolling.py`: Gradual Unrolling, the λ schedule that mixes PEMA's distribution with the model's.
+- `policy.py`: that mixing as a policy of the shared token loop (common/generation).
 """

@@ -1,7 +1,9 @@
 """The external memory: keys `f(c_i)` (N×d, fp16 or fp32) and values `y_i` (N gold next-token ids), memory-mapped.
 
 On disk: `keys.npy`, `values.npy` (NumPy format, never pickled: loaded with allow_pickle=False) and `memory.json`.
-It is PEMA's training data, not a kNN index: nothing searches it at inference.
+It is PEMA's training data, not a kNN index: nothing searches it at inference. `memory.json` also records which
+rows belong to which example (`example_rows`, consecutive) and which examples share a prompt (`example_groups`),
+so that validation can hold out whole sentences and prompts, never prefixes of training sentences.
 """
 
 from __future__ import annotations
@@ -37,6 +39,14 @@ class Memory:
     @property
     def hidden_size(self) -> int:
         return int(self.keys.shape[1])
+
+    def examples(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(first row, row count, prompt group) of every example, in row order."""
+        lengths, groups = self.info.get("example_rows"), self.info.get("example_groups")
+        if lengths is None or groups is None or len(lengths) != len(groups) or sum(lengths) != len(self):
+            raise InvalidMemory("this memory does not record its examples (built by an older version): rebuild it")
+        counts = np.asarray(lengths, dtype=np.int64)
+        return np.concatenate([[0], np.cumsum(counts)[:-1]]), counts, np.asarray(groups, dtype=np.int64)
 
     def batch(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         order = np.sort(rows)  # sorted reads are sequential on disk
@@ -76,14 +86,19 @@ class MemoryWriter:
         )
         self.values = np.lib.format.open_memmap(self.partial / VALUES_FILE, mode="w+", dtype=np.int32, shape=(count,))
         self.filled = 0
+        self.example_rows: list[int] = []
+        self.example_groups: list[int] = []
 
-    def add(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+    def add(self, keys: torch.Tensor, values: torch.Tensor, group: int) -> None:
+        """One example's rows; examples with the same prompt share `group`."""
         end = self.filled + keys.shape[0]
         if end > self.values.shape[0]:
             raise InvalidMemory("more rows than the memory was sized for")
         self.keys[self.filled : end] = keys.detach().float().cpu().numpy()
         self.values[self.filled : end] = values.cpu().numpy().astype(np.int32)
         self.filled = end
+        self.example_rows.append(int(keys.shape[0]))
+        self.example_groups.append(int(group))
 
     def close(self) -> Memory:
         if self.filled != self.values.shape[0]:
@@ -91,7 +106,8 @@ class MemoryWriter:
         self.keys.flush()
         self.values.flush()
         del self.keys, self.values
-        (self.partial / MEMORY_FILE).write_text(json.dumps(self.info, indent=2) + "\n")
+        info = {**self.info, "example_rows": self.example_rows, "example_groups": self.example_groups}
+        (self.partial / MEMORY_FILE).write_text(json.dumps(info) + "\n")
         if self.out.exists():
             shutil.rmtree(self.out)
         self.partial.rename(self.out)

@@ -135,11 +135,13 @@ def build_memory(
 ) -> Memory:
     """One memory row per target token: key f(context), value the gold next token."""
     writer = MemoryWriter(out, sum(len(c.targets) for c in contexts), representer.hidden_size, dtype, info)
+    groups: dict[tuple[int, ...], int] = {}  # examples that share a prompt share a group
     for first in range(0, len(contexts), batch_size):
         batch = contexts[first : first + batch_size]
         states = representer.represent([c.inputs for c in batch])
         for context, state in zip(batch, states, strict=True):
-            writer.add(state[context.start - 1 :], torch.tensor(context.targets))
+            group = groups.setdefault(tuple(context.inputs[: context.start]), len(groups))
+            writer.add(state[context.start - 1 :], torch.tensor(context.targets), group)
         if progress is not None:
             progress(len(batch))
     return writer.close()

@@ -283,30 +283,36 @@ class Progress(_message.Message):
     def __init__(self, done: _Optional[int] = ..., total: _Optional[int] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("adapter_id", "prompt", "max_new_tokens", "temperature", "seed", "planned_length")
+    __slots__ = ("adapter_id", "prompt", "max_new_tokens", "temperature", "seed", "planned_length", "top_p", "stop")
     ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     PLANNED_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    TOP_P_FIELD_NUMBER: _ClassVar[int]
+    STOP_FIELD_NUMBER: _ClassVar[int]
     adapter_id: str
     prompt: str
     max_new_tokens: int
     temperature: float
     seed: int
     planned_length: int
-    def __init__(self, adapter_id: _Optional[str] = ..., prompt: _Optional[str] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., seed: _Optional[int] = ..., planned_length: _Optional[int] = ...) -> None: ...
+    top_p: float
+    stop: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, adapter_id: _Optional[str] = ..., prompt: _Optional[str] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., seed: _Optional[int] = ..., planned_length: _Optional[int] = ..., top_p: _Optional[float] = ..., stop: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class GenerateEvent(_message.Message):
-    __slots__ = ("text", "token_id", "done")
+    __slots__ = ("text", "token_id", "done", "finish_reason")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     DONE_FIELD_NUMBER: _ClassVar[int]
+    FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     text: str
     token_id: int
     done: bool
-    def __init__(self, text: _Optional[str] = ..., token_id: _Optional[int] = ..., done: _Optional[bool] = ...) -> None: ...
+    finish_reason: str
+    def __init__(self, text: _Optional[str] = ..., token_id: _Optional[int] = ..., done: _Optional[bool] = ..., finish_reason: _Optional[str] = ...) -> None: ...
 
 class AdapterInfo(_message.Message):
     __slots__ = ("adapter_id", "method", "emulator", "bytes", "parameters", "created")

@@ -31,8 +31,7 @@ from ...common.contract import (
     PEMA_CONFIG_FILE,
     PEMA_WEIGHTS_FILE,
 )
-from ...common.pema.bundle import pema_shapes
-from ...common.pema.config import PemaConfig
+from ...common.pema.bundle import pema_shapes, read_pema_config
 
 # adapter_config.json is checked against an allowlist: a field not named here is refused, so that an option of a
 # newer PEFT that widens what an adapter may do (or makes PEFT import a named module) is refused until reviewed.
@@ -252,13 +251,14 @@ def _validate_pema(directory: Path, full: PreTrainedModel) -> ValidatedAdapter:
         raise AdapterRejected(
             f"{PEMA_CONFIG_FILE}: hidden_size {raw.get('hidden_size')!r}, the model has {hidden_size}"
         )
-    known = set(PemaConfig.__dataclass_fields__)
     try:
-        PemaConfig(**{k: v for k, v in raw.items() if k in known}).check()
-    except (TypeError, ValueError) as error:
+        config, _ = read_pema_config(raw)
+    except (KeyError, TypeError, ValueError) as error:
         raise AdapterRejected(f"{PEMA_CONFIG_FILE}: {error}") from None
+    if not 0 <= config.gate_width <= MAX_PEMA_RANK:
+        raise AdapterRejected(f"{PEMA_CONFIG_FILE}: gate_width must be an integer in 0..{MAX_PEMA_RANK}")
     tensors = _load_tensors(directory / PEMA_WEIGHTS_FILE)
-    expected = pema_shapes(hidden_size, rank)
+    expected = pema_shapes(hidden_size, rank, config.gate_width, config.length_predictor)
     if set(tensors) != set(expected):
         raise AdapterRejected(f"{PEMA_WEIGHTS_FILE}: tensors must be exactly {', '.join(sorted(expected))}")
     for name, shape in expected.items():
@@ -270,7 +270,7 @@ def _validate_pema(directory: Path, full: PreTrainedModel) -> ValidatedAdapter:
             raise AdapterRejected(f"{PEMA_WEIGHTS_FILE}: tensor {name} has NaN or infinite values")
     checks = [
         Check("pema_config", True, f"r={rank}, hidden {hidden_size}"),
-        Check("shapes", True, "A, B_rct, B_pd match the model's hidden size"),
+        Check("shapes", True, f"{len(expected)} tensors match the model's hidden size"),
         Check("finite", True, "no NaN or Inf"),
     ]
     return ValidatedAdapter(PEMA, sum(t.numel() for t in tensors.values()), checks)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import shutil
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +15,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from ...common.architectures import depth
 from ...common.signing import canonical_json
 from . import crash, distill, gradot, lowrank, uniform
+from .bridge import build_bridge
 from .bundle import write_bundle
-from .interface import Builder, BuildRequest, parse_options
+from .interface import Builder, BuildRequest, parse_bool, parse_options
 from .layout import Layout, LayoutError
 from .report_card import measure
 
@@ -26,6 +28,8 @@ BUILDERS: dict[str, Builder] = {
     "lowrank": lowrank,
     "gradot": gradot,
 }
+# Options of every method, beside each builder's own: `bridge=1` fits and ships the hybrid's bridge (bridge.py).
+SHARED_OPTIONS: Mapping[str, Callable[[str], Any]] = {"bridge": parse_bool}
 
 
 @dataclass(frozen=True)
@@ -36,7 +40,7 @@ class EmulatorSpec:
 
     @classmethod
     def parse(cls, text: str) -> EmulatorSpec:
-        """`METHOD:L-N-R[,key=value...]`, e.g. `uniform:2-8-2` or `distill:2-8-2,steps=100`."""
+        """`METHOD:L-N-R[,key=value...]`, e.g. `uniform:2-8-2`, `distill:2-8-2,steps=100`, `lowrank:2-8-2,bridge=1`."""
         method, sep, rest = text.partition(":")
         if not sep:
             raise LayoutError(f"emulator {text!r} is not of the form METHOD:L-N-R, e.g. uniform:2-8-2")
@@ -54,7 +58,7 @@ class EmulatorSpec:
         return spec
 
     def parsed_options(self) -> dict[str, Any]:
-        return parse_options(self.method, BUILDERS[self.method].OPTIONS, dict(self.options))
+        return parse_options(self.method, {**BUILDERS[self.method].OPTIONS, **SHARED_OPTIONS}, dict(self.options))
 
     @property
     def id(self) -> str:
@@ -76,7 +80,9 @@ def build_emulator(
 ) -> dict[str, Any]:
     """Builds the emulator `spec` of `full` into `out` and returns its signed manifest.
 
-    Long builds keep resumable state in `out`'s sibling `<name>.work`, removed once the bundle is written.
+    Long builds keep resumable state in `out`'s sibling `<name>.work`, removed once the bundle is written. With the
+    option `bridge=1` the bundle also ships `bridge.safetensors`, its facts under the manifest's `bridge` and its
+    figures under the report card's.
     """
     total = depth(full.config)
     spec.layout.check(total)
@@ -85,6 +91,10 @@ def build_emulator(
     built = BUILDERS[spec.method].build(request)
     adapters = built.adapters if built.adapters is not None else spec.layout.adapter_blocks(total)
     card = measure(full, built.model, tokenizer, request.options.get("data"))
+    bridge = None
+    if request.options.get("bridge"):
+        bridge = build_bridge(full, built.model, tokenizer, request.options.get("data"))
+        card = replace(card, bridge=bridge.card)
     body = {
         "id": spec.id,
         "method": spec.method,
@@ -100,6 +110,8 @@ def build_emulator(
         },
         "report_card": card.as_dict(),
     }
-    manifest = write_bundle(built.model, tokenizer, out, key, body)
+    if bridge is not None:
+        body["bridge"] = bridge.facts
+    manifest = write_bundle(built.model, tokenizer, out, key, body, bridge.bridge if bridge else None)
     shutil.rmtree(work_dir, ignore_errors=True)
     return manifest

@@ -11,7 +11,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from ...common.architectures import block_prefix, reduced_config, spec_for
-from ...common.contract import EMULATOR_FORMAT
+from ...common.bridge import Bridge
+from ...common.contract import BRIDGE_WEIGHTS_FILE, EMULATOR_FORMAT
 from ...common.manifest import write_manifest
 
 
@@ -42,13 +43,17 @@ def write_bundle(
     out: Path,
     key: Ed25519PrivateKey,
     manifest_body: dict[str, Any],
+    bridge: Bridge | None = None,
 ) -> dict[str, Any]:
-    """Writes config, weights, tokenizer and the signed offsite.json; the directory appears whole or not at all."""
+    """Writes config, weights, tokenizer, the bridge if any and the signed offsite.json, which lists and hashes every
+    one of them; the directory appears whole or not at all."""
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     emulator.save_pretrained(partial)
     tokenizer.save_pretrained(partial)
+    if bridge is not None:
+        bridge.save(partial / BRIDGE_WEIGHTS_FILE)
     body = dict(manifest_body, format=EMULATOR_FORMAT, parameters=parameter_count(emulator))
     manifest = write_manifest(partial, body, key)
     if out.exists():

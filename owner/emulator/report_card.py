@@ -3,19 +3,24 @@
 Two held-out texts: the tail of the builder's public text (WikiText-2 valid unless `data=` says otherwise), and the
 last windows of the held-out Project Gutenberg novel, which no builder trains or calibrates on and whose first
 windows alone choose the distillation checkpoint. The perplexity ratio (emulator / full) on the first is the privacy
-side of the bargain: near 1, the emulator is the model.
+side of the bargain: near 1, the emulator is the model. An emulator that ships a bridge (`bridge=1`) also carries
+the bridge's figures (owner/emulator/bridge.py): how much closer it brings the emulator's final states to the full
+model's, and how well the owner's head then predicts from them, which the release gate weighs too.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .public_text import GUTENBERG_HELDOUT_TEXT, read_public_text, token_chunks, window_perplexity
+
+if TYPE_CHECKING:  # bridge.py measures on this module's windows, so it imports this one
+    from .bridge import BridgeCard
 
 REPORT_SEQ_LEN = 128
 REPORT_WINDOWS = 32
@@ -38,9 +43,13 @@ class ReportCard:
     gutenberg_perplexity: float  # the emulator's, on the last windows of the held-out novel
     full_gutenberg_perplexity: float
     gutenberg_sha256: str
+    bridge: BridgeCard | None = None  # only for a bundle that ships a bridge
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        card = asdict(self)
+        if self.bridge is None:
+            del card["bridge"]  # a bundle without a bridge keeps the card it always had
+        return card
 
 
 def heldout_windows(tokenizer: PreTrainedTokenizerBase, path: Path | None) -> tuple[torch.Tensor, str]:
@@ -71,7 +80,8 @@ def measure(
 
 
 def check_release(emulator_id: str, card: dict[str, Any], margin: float | None) -> None:
-    """Refuses an emulator whose perplexity is within `margin` (relative) of the full model's."""
+    """Refuses an emulator whose perplexity, or its bridge's through the owner's head, is within `margin` (relative)
+    of the full model's."""
     if margin is None:
         return
     if card["perplexity"] < card["full_perplexity"] * (1.0 + margin):
@@ -79,4 +89,11 @@ def check_release(emulator_id: str, card: dict[str, Any], margin: float | None) 
             f"emulator {emulator_id} is too close to the full model to release: perplexity {card['perplexity']:.2f} "
             f"vs full {card['full_perplexity']:.2f} (ratio {card['perplexity_ratio']:.3f}, "
             f"the release margin needs at least {1.0 + margin:.3f})"
+        )
+    bridge = card.get("bridge")
+    if bridge is not None and bridge["perplexity_bridged"] < bridge["perplexity_full"] * (1.0 + margin):
+        raise ReleaseRefused(
+            f"emulator {emulator_id}'s bridge brings it too close to the full model to release: the head on its "
+            f"bridged states has perplexity {bridge['perplexity_bridged']:.2f} vs full {bridge['perplexity_full']:.2f} "
+            f"(the release margin needs at least {1.0 + margin:.3f} times the full model's); build it without bridge=1"
         )

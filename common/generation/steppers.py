@@ -1,0 +1,86 @@
+"""What the token loop asks at each step: f(x) (the last block's output before the final norm, at the last
+position) and log P_LM (the model's next-token log-probs) for each row still running.
+
+`LocalStepper` runs a local Hugging Face causal model: the batch is left-padded so that every row's last position
+is the same column, one KV cache carries it from step to step, and a forward hook on the last block takes f(x).
+The data owner's remote stepper (client/pema_generation.py) asks `Represent` instead.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import torch
+from peft import PeftModel
+from transformers import PreTrainedModel
+
+from ..architectures import blocks
+from ..scoring import causal_model
+
+StepResult = tuple[torch.Tensor, torch.Tensor]  # f(x) [n, d] and log P_LM [n, V], float32
+PAD_ID = 0  # any id will do: padded positions are masked
+
+
+class Stepper(Protocol):
+    def start(self, prompts: Sequence[Sequence[int]]) -> StepResult:
+        """f(x) and log P_LM after each prompt (each needs at least one token)."""
+
+    def advance(self, rows: Sequence[int], tokens: Sequence[int]) -> StepResult:
+        """Appends tokens[k] to row rows[k]; f(x) and log P_LM of those rows, in that order. A row left out has
+        ended: it is never named again."""
+
+
+class LocalStepper:
+    def __init__(self, model: PreTrainedModel | PeftModel):
+        # LoRA layers sit inside the base model's modules: calling the base model applies them.
+        self.model = causal_model(model).eval()
+        self.last_block = blocks(self.model)[-1]
+        self.device = self.model.get_input_embeddings().weight.device
+        parameters = inspect.signature(self.model.forward).parameters
+        # Bloom's ALiBi takes positions from the attention mask and has no position_ids.
+        self.takes_positions = "position_ids" in parameters
+        # Transformers 5 renamed past_key_values to cache; either way the output holds it under the same name.
+        self.cache_name = "cache" if "cache" in parameters else "past_key_values"
+        self.rows = 0
+        self.mask = self.positions = torch.zeros(0, 0, dtype=torch.long)
+        self.past: Any = None
+
+    def start(self, prompts: Sequence[Sequence[int]]) -> StepResult:
+        if not prompts or any(not p for p in prompts):
+            raise ValueError("every prompt needs at least one token")
+        width = max(map(len, prompts))
+        ids = torch.tensor([[PAD_ID] * (width - len(p)) + list(p) for p in prompts], device=self.device)
+        self.mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
+        # Left padding: a row's first real token is position 0, as it would be alone.
+        self.positions = (self.mask.cumsum(dim=-1) - 1).clamp(min=0)
+        self.rows, self.past = len(prompts), None
+        return self._forward(ids, range(self.rows))
+
+    def advance(self, rows: Sequence[int], tokens: Sequence[int]) -> StepResult:
+        # Rows that ended still ride along in the cache (cheaper than reshaping it); what they get is never read.
+        ids = torch.full((self.rows, 1), PAD_ID, dtype=torch.long)
+        ids[list(rows), 0] = torch.tensor(list(tokens), dtype=torch.long)
+        self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=-1)
+        self.positions = self.positions[:, -1:] + 1
+        return self._forward(ids.to(self.device), rows)
+
+    @torch.inference_mode()
+    def _forward(self, ids: torch.Tensor, rows: Sequence[int]) -> StepResult:
+        captured: list[torch.Tensor] = []
+        handle = self.last_block.register_forward_hook(
+            lambda _m, _a, output: captured.append((output[0] if isinstance(output, tuple) else output)[:, -1])
+        )
+        extra = {self.cache_name: self.past}
+        if self.takes_positions:
+            extra["position_ids"] = self.positions[:, -ids.shape[1] :]
+        try:
+            # logits_to_keep=1: only the last position's logits, never [B, prompt, V] for a long prompt.
+            out = self.model(input_ids=ids, attention_mask=self.mask, use_cache=True, logits_to_keep=1, **extra)
+        finally:
+            handle.remove()
+        self.past = out[self.cache_name]
+        selected = torch.tensor(list(rows), dtype=torch.long, device=self.device)
+        states = captured[-1][selected].float()
+        return states, torch.log_softmax(out.logits[selected, -1].float(), dim=-1)
