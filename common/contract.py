@@ -23,6 +23,7 @@ ADAPTER_CONFIG_FILE = "adapter_config.json"
 PEMA_WEIGHTS_FILE = "pema_model.safetensors"
 PEMA_CONFIG_FILE = "pema_config.json"
 MAX_PEMA_RANK = 4096
+MAX_ADAPTER_TENSORS = 10_000  # LoRA on every linear of an 80-block model is about 1,100; refused from the header
 FLOAT_DTYPES = frozenset({"F32", "F16", "BF16"})
 
 # Per-tenant limits (owner defaults; `serve` flags override them)

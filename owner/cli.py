@@ -40,7 +40,7 @@ from .export import export_adapter
 from .limits import TenantLimits
 from .metrics import MetricsEndpoint, OwnerMetrics, serve_metrics
 from .model_queue import ModelQueue
-from .server import BindRefused, ServerTls, start_server
+from .server import BindRefused, ServerTls, shutdown, start_server
 from .service import OwnerService, RepresentPolicy
 from .store import REGISTRY_FILE, STORE_UMASK, Store
 
@@ -221,8 +221,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
     stop.wait()
-    log.info("shutting down: draining in-flight calls")
-    server.stop(SHUTDOWN_GRACE_SECONDS).wait()
+    log.info("shutting down: health NOT_SERVING, then draining in-flight calls")
+    shutdown(server, args.shutdown_notice_seconds, SHUTDOWN_GRACE_SECONDS)
     if endpoint:
         endpoint.close()
     store.close()

@@ -163,6 +163,13 @@ SERVE_OPTIONS: tuple[Option, ...] = (
     Option("max_adapters", int, MAX_ADAPTERS_PER_TENANT, "adapters per tenant"),
     Option("max_tenant_mib", int, MAX_TENANT_BYTES // MiB, "adapter MiB a tenant may store"),
     Option("max_streams", int, MAX_STREAMS_PER_TENANT, "concurrent streaming calls per tenant"),
+    Option(
+        "shutdown_notice_seconds",
+        float,
+        0.0,
+        "on SIGTERM, seconds of health NOT_SERVING while calls are still served, before the drain (a load "
+        "balancer's health-check interval)",
+    ),
     # The model queue (owner/model_queue.py): forwards run there in turns, off the threads that answer small calls
     Option("model_workers", int, MODEL_WORKERS, "threads running model forwards", check=_check_at_least_one),
     Option(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+import weakref
 from collections.abc import Sequence
 from concurrent import futures
 from dataclasses import dataclass
@@ -77,9 +79,24 @@ def start_server(
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    _HEALTH[server] = health_servicer
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     port = server.add_secure_port(listen, tls.credentials()) if tls else server.add_insecure_port(listen)
     if port == 0:
         raise BindRefused(f"could not bind {listen}")
     server.start()
     return server, port
+
+
+# Each server's health service, so that `shutdown` can turn it to NOT_SERVING first.
+_HEALTH: weakref.WeakKeyDictionary[grpc.Server, health.HealthServicer] = weakref.WeakKeyDictionary()
+
+
+def shutdown(server: grpc.Server, notice_seconds: float, grace_seconds: float) -> None:
+    """Health turns NOT_SERVING at once, so that a load balancer stops sending calls; new calls are still served
+    for `notice_seconds` (the balancer's polling interval), then refused while those in flight get `grace_seconds`."""
+    if server in _HEALTH:
+        _HEALTH[server].enter_graceful_shutdown()
+    if notice_seconds > 0:
+        time.sleep(notice_seconds)
+    server.stop(grace_seconds).wait()

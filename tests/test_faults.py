@@ -15,6 +15,7 @@ from pathlib import Path
 import grpc
 import pytest
 from conftest import TINY_LAYOUT, InProcessOwner, free_port, sentiment_examples
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from offsite.client.connection import Remote, RemoteError
 from offsite.client.pull import pull_emulator
@@ -27,10 +28,10 @@ from offsite.owner import service as owner_service
 from offsite.owner.store import Store
 
 
-def _start_daemon(model_dir: Path, store: Path) -> tuple[subprocess.Popen, str]:
+def _start_daemon(model_dir: Path, store: Path, *extra: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
     command = [sys.executable, "-m", "offsite.owner", "serve", "--model", str(model_dir), "--store", str(store)]
-    command += ["--listen", f"127.0.0.1:{port}", "--emulator", f"uniform:{TINY_LAYOUT}", "--json"]
+    command += ["--listen", f"127.0.0.1:{port}", "--emulator", f"uniform:{TINY_LAYOUT}", "--json", *extra]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert process.stdout is not None
     line = process.stdout.readline()
@@ -39,6 +40,27 @@ def _start_daemon(model_dir: Path, store: Path) -> tuple[subprocess.Popen, str]:
     if not line.startswith("{"):
         raise AssertionError(f"daemon did not start: {process.stderr.read() if process.stderr else ''}")
     return process, json.loads(line)["address"]
+
+
+def test_sigterm_turns_health_not_serving_before_it_stops_taking_calls(tiny_model_dir, tmp_path: Path) -> None:
+    store = Store(tmp_path / "store")
+    token = store.add_tenant("alice")
+    store.close()
+    process, address = _start_daemon(tiny_model_dir("llama"), tmp_path / "store", "--shutdown-notice-seconds", "3")
+    try:
+        with grpc.insecure_channel(address) as channel, Remote(address, token, timeout=10) as remote:
+            check = health_pb2_grpc.HealthStub(channel).Check
+            assert check(health_pb2.HealthCheckRequest(), timeout=5).status == health_pb2.HealthCheckResponse.SERVING
+            process.send_signal(signal.SIGTERM)
+            time.sleep(1.0)
+            status = check(health_pb2.HealthCheckRequest(), timeout=5).status
+            assert status == health_pb2.HealthCheckResponse.NOT_SERVING  # the balancer's cue to stop routing here
+            assert remote.model_card().model_name  # while the notice lasts, calls are still answered
+        assert process.wait(30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(30)
 
 
 def _push_messages(adapter: Path, paused: threading.Event, resume: threading.Event) -> Iterator[pb.PushAdapterRequest]:

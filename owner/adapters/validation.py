@@ -25,6 +25,7 @@ from ...common.contract import (
     HEAD_ARTIFACT,
     HEAD_FORMAT,
     MANIFEST_NAME,
+    MAX_ADAPTER_TENSORS,
     MAX_LORA_ALPHA,
     MAX_LORA_RANK,
     MAX_PEMA_RANK,
@@ -131,23 +132,32 @@ def _read_json(path: Path) -> dict[str, Any]:
     return value
 
 
-def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+def _read_header(path: Path) -> dict[str, tuple[int, ...]]:
+    """Each tensor's shape, from the safetensors header alone: names, dtypes and shapes are checked before a single
+    tensor is read, so a file of 300k tensors or of huge ones costs nothing to refuse."""
     try:
         with safe_open(str(path), framework="pt") as handle:
-            dtypes = {k: handle.get_slice(k).get_dtype() for k in handle.keys()}
-            bad = {k: d for k, d in dtypes.items() if d not in FLOAT_DTYPES}
-            if bad:
-                key, dtype = next(iter(sorted(bad.items())))
-                raise AdapterRejected(
-                    f"{path.name}: tensor {key} has dtype {dtype}; allowed: {', '.join(sorted(FLOAT_DTYPES))}"
-                )
-            return {k: handle.get_tensor(k) for k in handle.keys()}
+            slices = {k: handle.get_slice(k) for k in handle.keys()}
     except SafetensorError as error:
         raise AdapterRejected(f"{path.name} is not a valid safetensors file: {error}") from None
+    if len(slices) > MAX_ADAPTER_TENSORS:
+        raise AdapterRejected(f"{path.name} holds {len(slices)} tensors; at most {MAX_ADAPTER_TENSORS}")
+    bad = sorted((k, s.get_dtype()) for k, s in slices.items() if s.get_dtype() not in FLOAT_DTYPES)
+    if bad:
+        key, dtype = bad[0]
+        raise AdapterRejected(
+            f"{path.name}: tensor {key} has dtype {dtype}; allowed: {', '.join(sorted(FLOAT_DTYPES))}"
+        )
+    return {k: tuple(s.get_shape()) for k, s in slices.items()}
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    with safe_open(str(path), framework="pt") as handle:
+        return {k: handle.get_tensor(k) for k in handle.keys()}
 
 
 def _check_lora(
-    tensors: dict[str, torch.Tensor], config: dict[str, Any], full: PreTrainedModel, blocks: set[int]
+    shapes: dict[str, tuple[int, ...]], config: dict[str, Any], full: PreTrainedModel, blocks: set[int]
 ) -> list[Check]:
     spec = spec_for(full.config)
     pattern = lora_key_pattern(spec)
@@ -172,7 +182,7 @@ def _check_lora(
         raise AdapterRejected(f"{ADAPTER_CONFIG_FILE}: target_modules must be a list of module names")
 
     modules: dict[tuple[int, str], set[str]] = {}
-    for key, tensor in tensors.items():
+    for key, shape in shapes.items():
         match = pattern.match(key)
         if match is None:
             raise AdapterRejected(f"{ADAPTER_WEIGHTS_FILE}: key {key} is not a LoRA weight inside a transformer block")
@@ -194,9 +204,9 @@ def _check_lora(
             (weight.shape[0], weight.shape[1]) if is_conv1d(target) else (weight.shape[1], weight.shape[0])
         )
         expected = (rank, in_features) if half == "A" else (out_features, rank)
-        if tuple(tensor.shape) != expected:
+        if shape != expected:
             raise AdapterRejected(
-                f"{ADAPTER_WEIGHTS_FILE}: tensor {key} has shape {list(tensor.shape)}, expected {list(expected)}"
+                f"{ADAPTER_WEIGHTS_FILE}: tensor {key} has shape {list(shape)}, expected {list(expected)}"
             )
         modules.setdefault((index, module_path), set()).add(half)
     incomplete = sorted(f"{i}.{m}" for (i, m), halves in modules.items() if halves != {"A", "B"})
@@ -211,11 +221,11 @@ def _check_lora(
     ]
 
 
-def _check_full(tensors: dict[str, torch.Tensor], full: PreTrainedModel, blocks: set[int]) -> list[Check]:
+def _check_full(shapes: dict[str, tuple[int, ...]], full: PreTrainedModel, blocks: set[int]) -> list[Check]:
     spec = spec_for(full.config)
     pattern = full_key_pattern(spec)
     reference = full.state_dict()
-    for key, tensor in tensors.items():
+    for key, shape in shapes.items():
         match = pattern.match(key)
         if match is None or key not in reference:
             raise AdapterRejected(f"{ADAPTER_WEIGHTS_FILE}: key {key} is not a parameter of a transformer block")
@@ -224,13 +234,12 @@ def _check_full(tensors: dict[str, torch.Tensor], full: PreTrainedModel, blocks:
                 f"{ADAPTER_WEIGHTS_FILE}: key {key} is in block {match.group(1)}, "
                 f"outside the adapter blocks {sorted(blocks)}"
             )
-        if tensor.shape != reference[key].shape:
+        if shape != tuple(reference[key].shape):
             raise AdapterRejected(
-                f"{ADAPTER_WEIGHTS_FILE}: tensor {key} has shape {list(tensor.shape)}, "
-                f"expected {list(reference[key].shape)}"
+                f"{ADAPTER_WEIGHTS_FILE}: tensor {key} has shape {list(shape)}, expected {list(reference[key].shape)}"
             )
     return [
-        Check("keys_in_adapter_blocks", True, f"{len(tensors)} block parameters"),
+        Check("keys_in_adapter_blocks", True, f"{len(shapes)} block parameters"),
         Check("shapes", True, "every tensor matches the full model"),
     ]
 
@@ -257,15 +266,15 @@ def _validate_pema(directory: Path, full: PreTrainedModel) -> ValidatedAdapter:
         raise AdapterRejected(f"{PEMA_CONFIG_FILE}: {error}") from None
     if not 0 <= config.gate_width <= MAX_PEMA_RANK:
         raise AdapterRejected(f"{PEMA_CONFIG_FILE}: gate_width must be an integer in 0..{MAX_PEMA_RANK}")
-    tensors = _load_tensors(directory / PEMA_WEIGHTS_FILE)
+    shapes = _read_header(directory / PEMA_WEIGHTS_FILE)
     expected = pema_shapes(hidden_size, rank, config.gate_width, config.length_predictor)
-    if set(tensors) != set(expected):
+    if set(shapes) != set(expected):
         raise AdapterRejected(f"{PEMA_WEIGHTS_FILE}: tensors must be exactly {', '.join(sorted(expected))}")
     for name, shape in expected.items():
-        if tuple(tensors[name].shape) != shape:
-            raise AdapterRejected(
-                f"{PEMA_WEIGHTS_FILE}: {name} has shape {tuple(tensors[name].shape)}, expected {shape}"
-            )
+        if shapes[name] != shape:
+            raise AdapterRejected(f"{PEMA_WEIGHTS_FILE}: {name} has shape {shapes[name]}, expected {shape}")
+    tensors = _load_tensors(directory / PEMA_WEIGHTS_FILE)
+    for name in expected:
         if not torch.isfinite(tensors[name]).all():
             raise AdapterRejected(f"{PEMA_WEIGHTS_FILE}: tensor {name} has NaN or infinite values")
     checks = [
@@ -303,15 +312,16 @@ def validate_adapter(
             f"a {method} adapter consists of {', '.join(sorted(expected_files))}; got {', '.join(sorted(present))}"
         )
 
-    tensors = _load_tensors(weights)
-    if not tensors:
+    shapes = _read_header(weights)
+    if not shapes:
         raise AdapterRejected(f"{ADAPTER_WEIGHTS_FILE} holds no tensors")
     blocks = set(emulator_manifest["adapter_blocks"]["full"])
     if method == LORA:
-        checks = _check_lora(tensors, _read_json(directory / ADAPTER_CONFIG_FILE), full, blocks)
+        checks = _check_lora(shapes, _read_json(directory / ADAPTER_CONFIG_FILE), full, blocks)
     else:
         assert method == FULL
-        checks = _check_full(tensors, full, blocks)
+        checks = _check_full(shapes, full, blocks)
+    tensors = _load_tensors(weights)  # only now: every name and shape checked out
     for key, tensor in tensors.items():
         if not torch.isfinite(tensor).all():
             raise AdapterRejected(f"{ADAPTER_WEIGHTS_FILE}: tensor {key} has NaN or infinite values")
