@@ -74,6 +74,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cells import Cells  # noqa: E402
 from results_files import write_results  # noqa: E402
 from shared_data import E2E_PROMPT, TRANSLATION_PROMPT, e2e, multi30k  # noqa: E402
+from threads import one_thread_if  # noqa: E402
 from transfer import load_recipe  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -712,14 +713,10 @@ def smoke_arguments(args: argparse.Namespace) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    threads = torch.get_num_threads()
     if args.smoke:
         args = smoke_arguments(args)
-        torch.set_num_threads(1)  # tiny matrices: more threads only add synchronisation
-    try:
+    with one_thread_if(args.smoke):
         return run(args)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

@@ -55,6 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from cells import Cells  # noqa: E402
 from results_files import write_results  # noqa: E402
+from threads import one_thread_if  # noqa: E402
 from transfer_tasks import DEFAULT_TASKS, FORMATS, TASKS, Item, TaskData, to_example  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -798,14 +799,8 @@ def smoke_arguments(args: argparse.Namespace) -> tuple[argparse.Namespace, Recip
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    if not args.smoke:
+    with one_thread_if(args.smoke):
         return run(args)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices: more threads only add synchronisation
-    try:
-        return run(args)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
