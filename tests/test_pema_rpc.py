@@ -141,6 +141,8 @@ def test_remote_and_local_memories_agree_and_generation_matches_owner_side(
 
     trained = train_pema_bundle(tmp_path / "memory", tmp_path / "head", SMALL, tmp_path / "pema", show_progress=False)
     assert trained["memory_rows"] == len(remote_memory) and math.isfinite(trained["validation_ce"])
+    pushed_training = read_manifest(tmp_path / "pema")["training"]
+    assert "memory_rows" not in pushed_training, "the pushed manifest does not tell the owner how much data there was"
     with owner.remote() as remote:
         pushed = push_adapter(remote, tmp_path / "pema", show_progress=False)
         assert pushed.method == "pema" and {c.name for c in pushed.checks} >= {"shapes", "finite"}

@@ -159,6 +159,9 @@ def register(commands: Commands) -> None:
     )
     generate.add_argument("--head", help="with --adapter: the pulled head")
     generate.add_argument(
-        "--planned-length", type=int, help="PEMA: L of Gradual Unrolling (default: --max-new-tokens, never the answer)"
+        "--planned-length",
+        type=int,
+        help="PEMA: L of Gradual Unrolling (default: the adapter's prediction from the prompt, else --max-new-tokens; "
+        "never the answer)",
     )
     generate.set_defaults(handler=cmd_generate)

@@ -28,6 +28,7 @@ def cmd_train_pema(args: argparse.Namespace) -> None:
         max_epochs=int(args.epochs) if args.epochs is not None else PemaConfig.max_epochs,
         lambda_max=args.lambda_max,
         schedule=args.schedule,
+        gate_width=args.gate_width,
         seed=args.seed,
     )
     out = Path(args.out)
@@ -95,7 +96,15 @@ def register(commands: Commands) -> None:
     train.add_argument("--pema-rank", type=int, default=PemaConfig.rank)
     train.add_argument("--kappa", type=float, default=PemaConfig.kappa, help="pema: weight of reconstruction")
     train.add_argument("--lambda-max", type=float, default=PemaConfig.lambda_max)
-    train.add_argument("--schedule", choices=SCHEDULES, default=PemaConfig.schedule, help="pema: λ over the output")
+    train.add_argument(
+        "--schedule",
+        choices=SCHEDULES,
+        default=PemaConfig.schedule,
+        help="pema: how λ mixes PEMA with the model at generation: gradual (GU), constant, or the learned gate",
+    )
+    train.add_argument(
+        "--gate-width", type=int, default=PemaConfig.gate_width, help="pema: hidden width of the learned gate (0: none)"
+    )
     train.add_argument("--out", required=True)
     train.add_argument(
         "--epochs",

@@ -51,7 +51,7 @@ def train_pema_bundle(
         "architecture": head_manifest.get("architecture", ""),
         "training": {
             **asdict(config),
-            "memory_rows": len(memory),
+            # no row or example count: the pushed manifest would tell the owner how much data there was
             "memory_source": memory.info.get("source"),
             "phase1_epochs": report.phase1.epochs,
             "phase2_epochs": report.phase2.epochs,
@@ -69,5 +69,8 @@ def train_pema_bundle(
         "phase1_validation_mse": min(report.phase1.validation_loss),
         "phase2_validation_loss": min(report.phase2.validation_loss),
         "validation_ce": report.phase2_validation_ce,
+        "validation_examples": report.validation_examples,
+        "gate_validation_nll": min(report.gate.validation_loss) if report.gate else None,
+        "length_mae_tokens": report.length_mae_tokens,
         "seconds": report.seconds,
     }
