@@ -301,6 +301,7 @@ class PemaBench:
                 "memory_seconds": memory_seconds,
                 "train_seconds": round(report.seconds, 1),
                 "validation_ce": round(report.phase2_validation_ce, 4),
+                "model_validation_ce": round(report.model_validation_ce, 4),
                 "phase1_epochs": report.phase1.epochs,
                 "phase2_epochs": report.phase2.epochs,
                 "gate_validation_nll": min(report.gate.validation_loss) if report.gate else None,
@@ -476,10 +477,19 @@ def build_report(cells: Cells, tasks: dict[str, Task]) -> dict[str, Any]:
             }
         record["hit_limit_fraction"] = round(float(np.mean([c["hit_limit_fraction"] for c in found])), 4)
         record["sample"] = found[0]["outputs"][:2]
-        for key in ("train_seconds", "memory_seconds", "decode_seconds", "memory_rows", "rank", "schedule"):
+        for key in (
+            "train_seconds",
+            "memory_seconds",
+            "decode_seconds",
+            "memory_rows",
+            "rank",
+            "validation_ce",
+            "model_validation_ce",
+            "length_mae_tokens",
+        ):
             values = [c[key] for c in found if c.get(key) is not None]
             if values:
-                record[key] = values[0] if isinstance(values[0], str) else round(float(np.mean(values)), 1)
+                record[key] = round(float(np.mean(values)), 4)
         record["n"] = len(task.prompts)
         runs.append(record)
 
@@ -578,6 +588,15 @@ def markdown(report: dict[str, Any], meta: dict[str, Any]) -> str:
             continue
         selection = report["selections"].get(slug, {})
         lines += ["", f"## {task['name']}", "", f"{task['about']}; at most {task['max_new_tokens']} new tokens."]
+        trained = next((r for r in rows if r["row"] == "pema_gu" and "model_validation_ce" in r), None)
+        if trained:
+            lines += [
+                "",
+                f"On the memory's held-out examples: PEMA's next-token cross-entropy {trained['validation_ce']:.3f} "
+                f"against the frozen model's {trained['model_validation_ce']:.3f}; the length predictor's error "
+                f"{trained['length_mae_tokens']:.1f} tokens; memory build {trained['memory_seconds']:.0f} s, PEMA "
+                f"training {trained['train_seconds']:.0f} s (both phases, the gate and the length predictor).",
+            ]
         if "rank" in selection:
             lines += [
                 "",
@@ -589,11 +608,15 @@ def markdown(report: dict[str, Any], meta: dict[str, Any]) -> str:
             "| row | BLEU [95% CI] | chrF [95% CI] | hit the limit | seeds | train s | first output |",
             "|---|---:|---:|---:|---:|---:|---|",
         ]
+
+        def seconds(r: dict[str, Any]) -> str:
+            return f"{r['train_seconds']:.0f}" if "train_seconds" in r else "—"
+
         for r in rows:
             lines.append(
                 f"| {ROW_NAMES[r['row']]} | {r['bleu']:.2f} [{r['ci_low']:.2f}, {r['ci_high']:.2f}] "
                 f"| {r['chrf']:.2f} [{r['chrf_ci_low']:.2f}, {r['chrf_ci_high']:.2f}] "
-                f"| {100 * r['hit_limit_fraction']:.1f}% | {len(r['seeds'])} | {r.get('train_seconds', '—')} "
+                f"| {100 * r['hit_limit_fraction']:.1f}% | {len(r['seeds'])} | {seconds(r)} "
                 f"| {r['sample'][0][:80]!r} |"
             )
         compared = [c for c in report["comparisons"] if c["task"] == slug]

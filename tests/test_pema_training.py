@@ -142,3 +142,16 @@ def test_bundle_round_trip_with_gate_and_length(tmp_path: Path) -> None:
         torch.testing.assert_close(loaded.state_dict()[name], tensor)
     assert set(adapter.state_dict()) == set(pema_shapes(10, 4, 3, True))
     assert set(PemaAdapter(10, 4).state_dict()) == set(pema_shapes(10, 4))
+
+
+def test_every_generation_training_sequence_ends_with_end_of_text(tiny_model_dir) -> None:
+    """Without EOS in training, an adapter never learns to stop and rambles to the token limit."""
+    from offsite.common.examples import IGNORE, tokenize_for_training
+
+    tokenizer = load_model(str(tiny_model_dir("llama"))).tokenizer
+    examples = [Example(prompt=f"facts {i}:", completion=f" a sentence of {i} words") for i in range(5)]
+    for context in teacher_forcing(tokenizer, examples, max_length=64):  # the PEMA memory
+        assert context.targets[-1] == tokenizer.eos_token_id
+    for tokenized in tokenize_for_training(tokenizer, examples, max_length=64):  # LoRA and full-block training
+        labels = [label for label in tokenized.labels if label != IGNORE]
+        assert labels[-1] == tokenizer.eos_token_id

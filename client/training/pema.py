@@ -69,6 +69,7 @@ def train_pema_bundle(
         "phase1_validation_mse": min(report.phase1.validation_loss),
         "phase2_validation_loss": min(report.phase2.validation_loss),
         "validation_ce": report.phase2_validation_ce,
+        "model_validation_ce": report.model_validation_ce,
         "validation_examples": report.validation_examples,
         "gate_validation_nll": min(report.gate.validation_loss) if report.gate else None,
         "length_mae_tokens": report.length_mae_tokens,

@@ -55,6 +55,7 @@ class PemaTrainReport:
     phase1: PhaseReport
     phase2: PhaseReport
     phase2_validation_ce: float
+    model_validation_ce: float  # the frozen model's own, on the same held-out rows: what PEMA must beat
     gate: PhaseReport | None
     length_mae_tokens: float | None  # on the held-out examples
     length_ridge: float | None
@@ -238,7 +239,11 @@ def train_pema(
     def prediction(keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(head.logits(adapter.predict_hidden(keys)), values)
 
+    def model_prediction(keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(head.logits(keys), values)
+
     ce = evaluate_loss([adapter], prediction, memory, split.validation_rows, config.batch_size)
+    model_ce = evaluate_loss([], model_prediction, memory, split.validation_rows, config.batch_size)
     gate_report = _train_gate(adapter, head, memory, split, config, show_progress) if adapter.gate else None
     length = _fit_length(adapter, memory, split) if adapter.length is not None else (None, None)
     adapter.eval()
@@ -249,6 +254,7 @@ def train_pema(
         phase1,
         phase2,
         ce,
+        model_ce,
         gate_report,
         length[0],
         length[1],
