@@ -130,15 +130,24 @@ def demo_table() -> str:
 
 def pema_table() -> str:
     result = _load("pema.json")
-    tasks = result["tasks"]
-    names = [row["row"] for row in tasks[0]["rows"]]
-    lines = ["| row | " + " | ".join(t["task"] for t in tasks) + " |", "|---|" + "---:|" * len(tasks)]
-    for name in names:
+    tasks = [t for t in result["tasks"] if any(r["task"] == t for r in result["runs"])]
+    runs = {(r["task"], r["row"]): r for r in result["runs"]}
+    rows = list(dict.fromkeys(r["row"] for r in result["runs"]))  # the benchmark's own row order
+    names = [result["tasks"][t]["name"] for t in tasks]
+    lines = [
+        "| row | " + " | ".join(f"{n}: BLEU [95% CI], seeds" for n in names) + " |",
+        "|---|" + "---:|" * len(tasks),
+    ]
+    for row in rows:
         cells = []
         for task in tasks:
-            found = next((r for r in task["rows"] if r["row"] == name), None)
-            cells.append(f"{found['bleu']:.2f}" if found else "—")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+            found = runs.get((task, row))
+            cells.append(
+                f"{found['bleu']:.2f} [{found['ci_low']:.2f}, {found['ci_high']:.2f}], {len(found['seeds'])}"
+                if found
+                else "—"
+            )
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
