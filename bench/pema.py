@@ -201,7 +201,6 @@ class PemaBench:
         self.fingerprint = fingerprint(self.full)
         self.head = Head.from_model(self.full)
         self.recipe = replace(load_recipe(), max_length=args.max_length, epochs=args.lora_epochs)
-        self.sampling = {}
         spec = EmulatorSpec.parse(args.emulator)
         self.emulator_dir = self.store.emulators_dir / self.fingerprint[:16] / spec.id
         if not (self.emulator_dir / "offsite.json").is_file():

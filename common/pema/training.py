@@ -70,9 +70,15 @@ class Split:
     validation_examples: np.ndarray
 
 
+def rows_of(memory: Memory, examples: np.ndarray) -> np.ndarray:
+    """Every memory row of the given examples."""
+    starts, counts, _ = memory.examples()
+    return np.concatenate([np.arange(starts[e], starts[e] + counts[e]) for e in examples])
+
+
 def split_examples(memory: Memory, fraction: float, seed: int) -> Split:
     """Holds out whole prompt groups: every example of a held-out prompt, and all of its rows."""
-    starts, counts, groups = memory.examples()
+    _, _, groups = memory.examples()
     distinct = np.unique(groups)
     if len(distinct) < 2:
         raise ValueError("the memory holds one prompt: at least two are needed to hold out a validation split")
@@ -80,11 +86,10 @@ def split_examples(memory: Memory, fraction: float, seed: int) -> Split:
     held_groups = order[: min(len(distinct) - 1, max(1, int(round(len(distinct) * fraction))))]
     held = np.isin(groups, held_groups)
 
-    def rows_of(examples: np.ndarray) -> np.ndarray:
-        return np.concatenate([np.arange(starts[e], starts[e] + counts[e]) for e in examples])
-
     train_examples, validation_examples = np.flatnonzero(~held), np.flatnonzero(held)
-    return Split(rows_of(train_examples), rows_of(validation_examples), train_examples, validation_examples)
+    return Split(
+        rows_of(memory, train_examples), rows_of(memory, validation_examples), train_examples, validation_examples
+    )
 
 
 def channel_scale(memory: Memory, rows: np.ndarray, seed: int) -> torch.Tensor:
@@ -270,13 +275,9 @@ def _train_gate(
     assert adapter.gate is not None
     for parameter in [adapter.A.weight, adapter.B_pd.weight]:
         parameter.requires_grad_(False)
-    starts, counts, _ = memory.examples()
     order = np.random.default_rng(config.seed + 1).permutation(split.validation_examples)
     half = max(1, len(order) // 2)
     fit_examples, stop_examples = order[:half], order[half:] if len(order) > 1 else order
-
-    def rows_of(examples: np.ndarray) -> np.ndarray:
-        return np.concatenate([np.arange(starts[e], starts[e] + counts[e]) for e in examples])
 
     def mixture_nll(keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -293,8 +294,8 @@ def _train_gate(
         [adapter.gate],
         mixture_nll,
         memory,
-        rows_of(fit_examples),
-        rows_of(stop_examples),
+        rows_of(memory, fit_examples),
+        rows_of(memory, stop_examples),
         config,
         show_progress,
     )
