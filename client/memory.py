@@ -30,6 +30,7 @@ from ..common.pema.representation import (
 )
 from .connection import Remote
 from .local_model import load_bridge, load_emulator
+from .pull import model_card
 from .representations import RemoteRepresenter
 
 
@@ -86,14 +87,16 @@ def build_memory_remote(
     show_progress: bool = True,
     contexts: str = TEACHER_FORCING,
 ) -> Memory:
-    """Representations from the owner's full model; `head_dir` (a pulled head) supplies the tokenizer."""
-    output_dir.check(out, output_dir.MEMORY)  # before any token id leaves
-    manifest = verify_bundle(head_dir, owner_key)
-    card = remote.model_card()
+    """Representations from the owner's full model; `head_dir` (a pulled head) supplies the tokenizer. Before any
+    token id leaves, the owner must present the pinned key (where one is given) and the head must be signed by the
+    key it presents: the ids go to the owner whose head the memory will be trained for, and to no other."""
+    output_dir.check(out, output_dir.MEMORY)
+    card = model_card(remote, owner_key)
+    manifest = verify_bundle(head_dir, card.owner_public_key)
     if card.base_fingerprint != manifest["base_fingerprint"]:
         raise ValueError(f"{head_dir} is the head of another model than the one this owner serves")
     representer = RemoteRepresenter(remote, int(card.hidden_size))
-    info = {"source": "owner", "base_fingerprint": card.base_fingerprint}
+    info = {"source": "owner", "base_fingerprint": card.base_fingerprint, "owner_public_key": card.owner_public_key}
     tokenizer = AutoTokenizer.from_pretrained(head_dir)
     return _build(representer, tokenizer, examples, out, dtype, max_length, info, show_progress, contexts)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from .connection import Remote, RemoteError
 RETRIES = 5
 RETRY_PAUSE_SECONDS = 0.5
 PARTIAL_SUFFIX = ".part"
+DISK_HEADROOM_BYTES = 64 * 1024 * 1024  # left free after a pull: a full disk breaks more than this command
 
 
 class OwnerKeyMismatch(BundleError):
@@ -35,10 +37,12 @@ def choose_offer(card: pb.ModelCard, emulator: str | None) -> pb.EmulatorOffer:
     return offers[emulator]
 
 
-def _download(remote: Remote, artifact: str, name: str, target: Path, bar: tqdm) -> None:
-    """Appends to TARGET.part from its current size; retries transient failures from where it stopped."""
+def _download(remote: Remote, artifact: str, name: str, target: Path, bar: tqdm, allowance: int) -> int:
+    """Appends to TARGET.part from its current size; retries transient failures from where it stopped. The owner's
+    sizes are not trusted: a file may not change its size mid-pull nor exceed `allowance`, what is left of the
+    artifact's declared total. Returns the file's size."""
     partial = target.with_name(target.name + PARTIAL_SUFFIX)
-    expected_sha = None
+    expected_sha, file_size = None, None
     for attempt in range(RETRIES + 1):
         offset = partial.stat().st_size if partial.exists() else 0
         try:
@@ -46,12 +50,20 @@ def _download(remote: Remote, artifact: str, name: str, target: Path, bar: tqdm)
                 for chunk in remote.pull(artifact, name, offset):
                     if chunk.offset != offset:
                         raise BundleError(f"{name}: the owner sent offset {chunk.offset}, expected {offset}")
+                    if file_size is not None and chunk.file_size != file_size:
+                        raise BundleError(f"{name}: the owner changed its size from {file_size} to {chunk.file_size}")
+                    file_size = chunk.file_size
+                    if file_size > allowance:
+                        raise BundleError(
+                            f"{name}: the owner sends {file_size} bytes, more than the {allowance} left of the "
+                            "artifact's declared size"
+                        )
+                    if offset + len(chunk.data) > file_size:
+                        raise BundleError(f"{name}: received more than its {file_size} bytes")
                     handle.write(chunk.data)
                     offset += len(chunk.data)
                     bar.update(len(chunk.data))
                     expected_sha = chunk.file_sha256
-                    if offset > chunk.file_size:
-                        raise BundleError(f"{name}: received more than its {chunk.file_size} bytes")
             break
         except grpc.RpcError as error:
             transient = error.code() in (
@@ -68,6 +80,17 @@ def _download(remote: Remote, artifact: str, name: str, target: Path, bar: tqdm)
         partial.unlink()
         raise BundleError(f"{target}: sha256 {digest} does not match the owner's {expected_sha}")
     partial.replace(target)
+    return offset
+
+
+def _check_disk_room(directory: Path, total: int) -> None:
+    """Refuses a pull the disk cannot hold before a byte arrives, rather than filling it."""
+    free = shutil.disk_usage(directory).free
+    if total + DISK_HEADROOM_BYTES > free:
+        raise BundleError(
+            f"the artifact is {total:,} bytes, and {directory} has {free:,} free (keeping {DISK_HEADROOM_BYTES:,} "
+            "spare): free some space or pull elsewhere"
+        )
 
 
 def _pull_files(
@@ -88,13 +111,15 @@ def _pull_files(
             raise BundleError(f"the owner offered an unsafe file name {name!r}")
     with output_dir.staged(out, kind, resume=True) as work:
         work.mkdir(exist_ok=True)
+        _check_disk_room(work, total)
+        allowance = total
         with tqdm(total=total, unit="B", unit_scale=True, desc=f"pull {artifact}", disable=not show_progress) as bar:
             for name in files:
                 target = work / name
                 partial = target.with_name(name + PARTIAL_SUFFIX)
                 if target.exists() and not partial.exists():
                     target.unlink()  # complete in an interrupted pull: fetch afresh rather than trust it
-                _download(remote, artifact, name, target, bar)
+                allowance -= _download(remote, artifact, name, target, bar, allowance)
         try:
             return verify_bundle(work, owner_key or card.owner_public_key)
         except BundleError:
@@ -102,7 +127,8 @@ def _pull_files(
             raise
 
 
-def _model_card(remote: Remote, owner_key: str | None) -> pb.ModelCard:
+def model_card(remote: Remote, owner_key: str | None) -> pb.ModelCard:
+    """The owner's card, refused where the owner presents another key than the pinned one."""
     card = remote.model_card()
     if owner_key is not None and card.owner_public_key != owner_key:
         raise OwnerKeyMismatch(f"the owner presents key {card.owner_public_key}, but the pinned key is {owner_key}")
@@ -111,7 +137,7 @@ def _model_card(remote: Remote, owner_key: str | None) -> pb.ModelCard:
 
 def pull_head(remote: Remote, out: Path, owner_key: str | None = None, show_progress: bool = True) -> dict[str, Any]:
     """The LM head, true final norm and tokenizer, for training PEMA on representations."""
-    card = _model_card(remote, owner_key)
+    card = model_card(remote, owner_key)
     if not card.head.id:
         raise ValueError("this owner offers no head artifact (it predates PEMA)")
     manifest = _pull_files(
@@ -138,7 +164,7 @@ def pull_head(remote: Remote, out: Path, owner_key: str | None = None, show_prog
 def pull_emulator(
     remote: Remote, out: Path, emulator: str | None = None, owner_key: str | None = None, show_progress: bool = True
 ) -> dict[str, Any]:
-    card = _model_card(remote, owner_key)
+    card = model_card(remote, owner_key)
     offer = choose_offer(card, emulator)
     manifest = _pull_files(
         remote, card, offer.id, list(offer.files), offer.bytes, out, owner_key, show_progress, output_dir.EMULATOR

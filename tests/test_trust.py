@@ -1,4 +1,5 @@
-"""Owner key pinning: the first pull records the owner's key; a later pull refuses any other key and says why."""
+"""Owner key pinning: the first pull (or remote memory build) records the owner's key; a later one refuses any
+other key and says why, before any token id leaves. A pull never trusts the owner's file sizes."""
 
 from __future__ import annotations
 
@@ -6,20 +7,33 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import InProcessOwner
+from conftest import InProcessOwner, sentiment_examples, write_jsonl
 
+from offsite.client import pull as pull_module
 from offsite.client.cli import main
 from offsite.client.config import CONFIG_NAME, LEGACY_PINS_NAME, ServerEntry, load, save
+from offsite.client.connection import Remote
+from offsite.client.pull import BundleError, pull_emulator, pull_head
+from offsite.common.rpc import pb
 
 
-def _pull(owner: InProcessOwner, out: Path, *extra: str, server: str | None = None) -> int:
-    argv = ["pull", "--server", server or owner.address, "--token", owner.token, "--out", str(out), "--json", *extra]
-    code = 0
+def _run(argv: list[str]) -> int:
     try:
         main(argv)
     except SystemExit as exit_:
-        code = int(exit_.code or 0)
-    return code
+        return int(exit_.code or 0)
+    return 0
+
+
+def _pull(owner: InProcessOwner, out: Path, *extra: str, server: str | None = None) -> int:
+    argv = ["pull", "--server", server or owner.address, "--token", owner.token, "--out", str(out), "--json"]
+    return _run([*argv, *extra])
+
+
+def _memory_build(owner: InProcessOwner, tmp_path: Path, out: str, *extra: str) -> int:
+    data = write_jsonl(sentiment_examples(4), tmp_path / "data.jsonl")
+    argv = ["memory", "build", "--server", owner.address, "--token", owner.token, "--yes", "--data", str(data)]
+    return _run([*argv, "--out", str(tmp_path / out), "--json", *extra])
 
 
 def test_first_pull_pins_the_owner_key_and_a_different_key_is_refused(
@@ -77,3 +91,94 @@ def test_a_corrupt_pin_file_is_explained(owner: InProcessOwner, client_home: Pat
     (client_home / LEGACY_PINS_NAME).write_text("[not json")
     assert _pull(owner, tmp_path / "e") == 2
     assert "cannot read the pinned owner keys" in capsys.readouterr().err
+
+
+def test_a_remote_memory_build_pins_on_first_use_and_sends_nothing_to_an_impostor(
+    owner: InProcessOwner, client_home: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch
+) -> None:
+    assert _memory_build(owner, tmp_path, "memory") == 0
+    assert "trusting owner key" in capsys.readouterr().err
+    assert load(client_home / CONFIG_NAME).servers[owner.address].owner_key == owner.service.public_key
+
+    sent: list[object] = []
+    monkeypatch.setattr(Remote, "represent", lambda self, requests: sent.append(requests) or iter(()))
+    config = load(client_home / CONFIG_NAME)
+    config.servers[owner.address] = ServerEntry(owner.address, owner_key="ab" * 32)
+    save(config)
+    head = str(tmp_path / "memory-head")
+    code = _memory_build(owner, tmp_path, "memory-2", "--head", head)
+    captured = capsys.readouterr()
+    assert code == 2 and f'pinned as servers."{owner.address}".owner_key' in captured.err
+    assert not sent and not (tmp_path / "memory-2").exists()
+
+
+def test_a_remote_memory_build_refuses_a_head_another_key_signed(
+    owner: InProcessOwner, client_home: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch
+) -> None:
+    with owner.remote() as remote:
+        pull_head(remote, tmp_path / "head", show_progress=False)
+    real_card = Remote.model_card
+
+    def card_of_another_owner(self: Remote) -> pb.ModelCard:
+        card = real_card(self)
+        card.owner_public_key = "cd" * 32
+        return card
+
+    monkeypatch.setattr(Remote, "model_card", card_of_another_owner)
+    sent: list[object] = []
+    monkeypatch.setattr(Remote, "represent", lambda self, requests: sent.append(requests) or iter(()))
+    assert _memory_build(owner, tmp_path, "memory", "--head", str(tmp_path / "head")) == 2
+    assert "cd" * 32 in capsys.readouterr().err, "refused as not signed by the key the owner presents"
+    assert not sent and not (tmp_path / "memory").exists()
+
+
+def _lying_pull(lie: str):
+    """PullArtifact as an owner that lies about its sizes would answer it."""
+    real_pull = Remote.pull
+
+    def pull(self: Remote, artifact: str, name: str, offset: int):
+        for chunk in real_pull(self, artifact, name, offset):
+            if lie == "grows":  # the same bytes in two chunks, the second claiming one byte more
+                half = len(chunk.data) // 2
+                first = pb.ArtifactChunk()
+                first.CopyFrom(chunk)
+                first.data = chunk.data[:half]
+                yield first
+                chunk.offset, chunk.data, chunk.file_size = chunk.offset + half, chunk.data[half:], chunk.file_size + 1
+            elif lie == "huge":
+                chunk.file_size = 1 << 40
+            yield chunk
+            if lie == "endless":
+                while True:
+                    offset += len(chunk.data)
+                    yield pb.ArtifactChunk(
+                        offset=offset, data=chunk.data, file_size=chunk.file_size, file_sha256=chunk.file_sha256
+                    )
+
+    return pull
+
+
+@pytest.mark.parametrize("lie", ["grows", "huge", "endless"])
+def test_a_pull_does_not_trust_the_owners_file_sizes(
+    owner: InProcessOwner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, lie: str
+) -> None:
+    monkeypatch.setattr(Remote, "pull", _lying_pull(lie))
+    with owner.remote() as remote, pytest.raises(BundleError, match="size|bytes"):
+        pull_emulator(remote, tmp_path / "emulator", show_progress=False)
+    assert not (tmp_path / "emulator").exists()
+    staged = list(tmp_path.glob("**/*.part"))
+    assert sum(p.stat().st_size for p in staged) <= 64 * 1024 * 1024, "the lie stopped before filling the disk"
+
+
+def test_a_pull_the_disk_cannot_hold_is_refused_before_a_byte_arrives(
+    owner: InProcessOwner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    class Usage:
+        free = 1024
+
+    monkeypatch.setattr(pull_module.shutil, "disk_usage", lambda path: Usage())
+    pulled: list[str] = []
+    monkeypatch.setattr(Remote, "pull", lambda self, artifact, name, offset: pulled.append(name) or iter(()))
+    with owner.remote() as remote, pytest.raises(BundleError, match="free some space"):
+        pull_emulator(remote, tmp_path / "emulator", show_progress=False)
+    assert not pulled and not (tmp_path / "emulator").exists()

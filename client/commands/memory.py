@@ -12,7 +12,7 @@ from ...common.pema.representation import CONTEXT_KINDS, TEACHER_FORCING
 from ..memory import build_memory_local, build_memory_remote
 from ..pull import pull_head
 from . import Commands, add_command
-from .remote import add_remote_flags, connect, target
+from .remote import add_remote_flags, connect, owner_key_explained, target, trust_on_first_use
 
 
 def cmd_memory_build(args: argparse.Namespace) -> None:
@@ -42,13 +42,14 @@ def cmd_memory_build(args: argparse.Namespace) -> None:
             )
         print(f"sending the token ids of {len(examples)} examples to {args.server}", file=sys.stderr)
         owner = target(args, args.owner_key)
-        with connect(owner) as remote:
+        with connect(owner) as remote, owner_key_explained(owner):
             head = Path(args.head) if args.head else out.with_name(out.name + "-head")
             if not args.head:
                 pull_head(remote, head, owner.owner_key)
             memory = build_memory_remote(
                 remote, head, examples, out, args.dtype, args.max_length, owner.owner_key, contexts=args.contexts
             )
+        trust_on_first_use(owner, memory.info["owner_public_key"])
         where = f"the owner at {args.server} (your token ids were sent)"
     emit(
         {"ok": True, "out": str(out), "rows": len(memory), "hidden_size": memory.hidden_size, **memory.info},

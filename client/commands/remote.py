@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
-from ..config import Given, Target, open_config, resolve
+from ..config import Given, Target, key_path, open_config, pin_owner_key, resolve
 from ..connection import TOKEN_ENVIRONMENT, ClientTls, Remote, read_token_file
+from ..pull import OwnerKeyMismatch
 
 SERVER_HELP = (
     "a server NAME from the client config (offsite servers list) or the owner's HOST:PORT "
@@ -48,3 +52,29 @@ def connect(where: Target) -> Remote:
     tls = ClientTls(*paths) if any(paths) else None
     token = where.token or (read_token_file(where.token_file) if where.token_file else None)
     return Remote(where.address, token, tls=tls, insecure=where.insecure)
+
+
+@contextmanager
+def owner_key_explained(where: Target) -> Iterator[None]:
+    """A mismatch with a key pinned in the client config says where the pin lives and how to change it."""
+    try:
+        yield
+    except OwnerKeyMismatch as error:
+        if not where.pinned_in_file:
+            raise
+        raise OwnerKeyMismatch(
+            f"{error} (pinned as {key_path(where.entry or where.address, 'owner_key')} in {where.config}; if the "
+            "owner really changed its key, delete that key there or pass --owner-key)"
+        ) from None
+
+
+def trust_on_first_use(where: Target, presented_key: str) -> None:
+    """Pins the key an owner with no pin presented, so that the next command refuses any other."""
+    if where.owner_key is not None:
+        return
+    name = pin_owner_key(where, presented_key)
+    print(
+        f"trusting owner key {presented_key} on first use (recorded as {key_path(name, 'owner_key')} in "
+        f"{where.config})",
+        file=sys.stderr,
+    )

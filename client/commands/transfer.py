@@ -3,39 +3,23 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from ...common.cli_output import emit
-from ..config import key_path, pin_owner_key
-from ..pull import OwnerKeyMismatch, pull_emulator, pull_head
+from ..pull import pull_emulator, pull_head
 from ..push import push_adapter
 from . import Commands, MiB, add_command
-from .remote import add_remote_flags, connect, target
+from .remote import add_remote_flags, connect, owner_key_explained, target, trust_on_first_use
 
 
 def cmd_pull(args: argparse.Namespace) -> None:
     where = target(args, args.owner_key)
-    with connect(where) as remote:
-        try:
-            if args.head:
-                result = pull_head(remote, Path(args.out), where.owner_key)
-            else:
-                result = pull_emulator(remote, Path(args.out), args.emulator, where.owner_key)
-        except OwnerKeyMismatch as error:
-            if not where.pinned_in_file:
-                raise
-            raise OwnerKeyMismatch(
-                f"{error} (pinned as {key_path(where.entry or where.address, 'owner_key')} in {where.config}; if the "
-                "owner really changed its key, delete that key there or pass --owner-key)"
-            ) from None
-    if where.owner_key is None:
-        name = pin_owner_key(where, result["owner_public_key"])
-        print(
-            f"trusting owner key {result['owner_public_key']} on first use (recorded as {key_path(name, 'owner_key')} "
-            f"in {where.config})",
-            file=sys.stderr,
-        )
+    with connect(where) as remote, owner_key_explained(where):
+        if args.head:
+            result = pull_head(remote, Path(args.out), where.owner_key)
+        else:
+            result = pull_emulator(remote, Path(args.out), args.emulator, where.owner_key)
+    trust_on_first_use(where, result["owner_public_key"])
     if args.head:
         emit(
             {"ok": True, **result},
