@@ -64,7 +64,19 @@ CELLS = ROOT / "bench" / "results" / "transfer_cells"
 RECIPE_FILE = ROOT / "bench" / "transfer_recipe.json"
 ROWS = ("zero_shot", "emulator_zero_shot", "emulator_adapter", "plug_in", "ceiling")
 SELECTION_TASKS = ("sst2", "trec")  # two kinds of task (binary sentiment, 6-way question type), not one
-BUILD_TIMINGS = ("seconds",)  # emulator parameters that time the build; cells do not depend on them
+# What an emulator build measured and how long it took. Cells depend on the build's recipe only: a rebuild of the same
+# recipe differs in the last digits (thread scheduling on CPU) and keeps its cells.
+BUILD_OUTCOMES = (
+    "seconds",
+    "best_step",
+    "heldout_nmse_before",
+    "heldout_nmse_after",
+    "heldout_perplexity_before",
+    "heldout_perplexity_after",
+    "nmse_first",
+    "nmse_last",
+)
+BUILD_DEFAULTS = {"exit_weight": 0.0}  # recipe options added after the first cells, which were built without them
 
 
 @dataclass(frozen=True)
@@ -256,8 +268,7 @@ class TransferBench:
             "format": self.prompt_format(data),
             "emulator": spec_text,
             "emulator_id": manifest["id"],
-            # what the build was, not how long it took: a rebuild of the same emulator keeps its cells
-            "emulator_params": {k: v for k, v in manifest["params"].items() if k not in BUILD_TIMINGS},
+            "emulator_params": build_recipe(manifest["params"]),
         }
 
     def emulator_zero_shot(self, data: TaskData, spec_text: str) -> dict[str, Any]:
@@ -359,6 +370,11 @@ def select_recipe(bench: TransferBench, tasks: list[str], emulator: str) -> dict
 # ---- report: tables, targets and plot from the cells
 
 
+def build_recipe(params: dict[str, Any]) -> dict[str, Any]:
+    """An emulator manifest's parameters without what the build measured: what its cells are keyed by."""
+    return {**BUILD_DEFAULTS, **{k: v for k, v in params.items() if k not in BUILD_OUTCOMES}}
+
+
 def _matrix(cells: list[dict[str, Any]], metric: str) -> np.ndarray:
     return np.array(
         [[int(b) for b in cell[f"{metric}_bits"]] for cell in sorted(cells, key=lambda c: c.get("seed", 0))]
@@ -399,9 +415,7 @@ def owner_side(groups: dict[tuple[str, str | None, str], list[dict[str, Any]]], 
     """The emulator's report card and build time, as its emulator_zero_shot cells recorded them."""
     for (_, key_emulator, row), found in groups.items():
         if key_emulator == emulator and row == "emulator_zero_shot" and "report_card" in found[0]:
-            params = found[0].get("emulator_params", {})
-            seconds = found[0].get("build_seconds") or params.get("seconds")
-            return {"report_card": found[0]["report_card"], "build_seconds": seconds}
+            return {"report_card": found[0]["report_card"], "build_seconds": found[0].get("build_seconds")}
     return {}
 
 
