@@ -76,7 +76,6 @@ BUILD_OUTCOMES = (
     "nmse_first",
     "nmse_last",
 )
-BUILD_DEFAULTS = {"exit_weight": 0.0}  # recipe options added after the first cells, which were built without them
 
 
 @dataclass(frozen=True)
@@ -372,7 +371,7 @@ def select_recipe(bench: TransferBench, tasks: list[str], emulator: str) -> dict
 
 def build_recipe(params: dict[str, Any]) -> dict[str, Any]:
     """An emulator manifest's parameters without what the build measured: what its cells are keyed by."""
-    return {**BUILD_DEFAULTS, **{k: v for k, v in params.items() if k not in BUILD_OUTCOMES}}
+    return {k: v for k, v in params.items() if k not in BUILD_OUTCOMES}
 
 
 def _matrix(cells: list[dict[str, Any]], metric: str) -> np.ndarray:
