@@ -22,8 +22,9 @@ import tiny_models  # noqa: E402
 from offsite.client.config import CONFIG_ENVIRONMENT, ENVIRONMENT, HOME_ENVIRONMENT  # noqa: E402
 from offsite.client.connection import Remote  # noqa: E402
 from offsite.common.examples import Example  # noqa: E402
-from offsite.common.model_loading import load_model  # noqa: E402
-from offsite.owner.emulator import EmulatorSpec  # noqa: E402
+from offsite.common.model_loading import fingerprint, load_model  # noqa: E402
+from offsite.common.signing import load_or_create_private_key  # noqa: E402
+from offsite.owner.emulator import EmulatorSpec, build_emulator  # noqa: E402
 from offsite.owner.server import start_server  # noqa: E402
 from offsite.owner.service import OwnerService  # noqa: E402
 from offsite.owner.store import Store  # noqa: E402
@@ -53,6 +54,17 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory):
         return made[family]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_emulator(tiny_model_dir, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A signed `uniform` emulator bundle of the tiny llama, built once per session (tests only read it)."""
+    root = tmp_path_factory.mktemp("tiny-emulator")
+    loaded = load_model(str(tiny_model_dir("llama")))
+    key = load_or_create_private_key(root / "key.pem")
+    spec = EmulatorSpec.parse(f"uniform:{TINY_LAYOUT}")
+    build_emulator(loaded.model, loaded.tokenizer, spec, root / "emulator", key, fingerprint(loaded.model), "llama")
+    return root / "emulator"
 
 
 def sentiment_examples(count: int, offset: int = 0) -> list[Example]:

@@ -9,27 +9,19 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import TINY_LAYOUT, cli, sentiment_examples, write_jsonl
+from conftest import cli, sentiment_examples, write_jsonl
 from opacus.optimizers import DPOptimizer
 from safetensors.torch import load_file
 
 from offsite.client.training import train_adapter
 from offsite.client.training.config import TrainConfig
-from offsite.common.model_loading import fingerprint, load_model
-from offsite.common.signing import load_or_create_private_key
-from offsite.owner.emulator import EmulatorSpec, build_emulator
 
 COUNT_KEYS = {"examples", "steps", "limit", "sample_rate"}
 
 
-@pytest.fixture(scope="module")
-def emulator(tiny_model_dir, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("dp")
-    loaded = load_model(str(tiny_model_dir("llama")))
-    key = load_or_create_private_key(root / "key.pem")
-    spec = EmulatorSpec.parse(f"uniform:{TINY_LAYOUT}")
-    build_emulator(loaded.model, loaded.tokenizer, spec, root / "emulator", key, fingerprint(loaded.model), "llama")
-    return root / "emulator"
+@pytest.fixture
+def emulator(tiny_emulator: Path) -> Path:
+    return tiny_emulator
 
 
 def _manifest(adapter: Path) -> dict[str, Any]:

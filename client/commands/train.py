@@ -12,6 +12,7 @@ from ...common.memory import peak_rss_bytes
 from ...common.pema.config import SCHEDULES, PemaConfig
 from ..training import train_adapter
 from ..training.config import DEFAULT_LEARNING_RATE, TRAIN_BLOCKS, TrainConfig
+from ..training.distributed import is_main_process
 from ..training.pema import train_pema_bundle
 from . import Commands, add_command
 
@@ -58,6 +59,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         max_length=args.max_length,
         limit=args.limit,
         lora_rank=args.lora_rank,
+        lora_dropout=args.lora_dropout,
         seed=args.seed,
         train_blocks=args.train_blocks,
         dp_epsilon=args.dp_epsilon,
@@ -70,6 +72,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     output_dir.check(Path(args.out), output_dir.ADAPTER)  # before training, not after
     examples = read_jsonl(Path(args.data), args.limit)
     result = train_adapter(Path(args.emulator), examples, config, Path(args.out), args.owner_key)
+    if not is_main_process():  # under accelerate launch rank 0 alone wrote the adapter; it alone reports
+        return
     out = {"ok": True, **result.as_dict(), "peak_rss_bytes": peak_rss_bytes()}
     spent = (
         f"; differential privacy: ε = {result.privacy['epsilon']:.3g} spent of {config.dp_epsilon:g}, "
@@ -121,6 +125,7 @@ def register(commands: Commands) -> None:
     train.add_argument("--max-length", type=int, default=256)
     train.add_argument("--limit", type=int)
     train.add_argument("--lora-rank", type=int, default=8)
+    train.add_argument("--lora-dropout", type=float, default=TrainConfig.lora_dropout)
     train.add_argument("--seed", type=int, default=0)
     train.add_argument(
         "--train-blocks", choices=TRAIN_BLOCKS, default=TrainConfig.train_blocks, help="which adapter blocks learn"

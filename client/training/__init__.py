@@ -11,11 +11,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ...common import output_dir
 from ...common.adapter_format import FULL, LORA, METHODS, adapter_manifest_body
-from ...common.architectures import spec_for
+from ...common.architectures import ArchitectureSpec, spec_for
 from ...common.examples import Example, tokenize_for_training
 from ...common.manifest import verify_bundle, write_manifest
 from ...common.model_loading import ensure_pad_token
-from . import full, lora
+from . import distributed, full, lora
 from .config import TRAIN_BLOCKS, TrainConfig
 from .loop import LoopStats, fit
 
@@ -92,17 +92,10 @@ def train_adapter(
     )
     data = tokenize_for_training(tokenizer, examples, config.max_length)
     stats = fit(model, data, ensure_pad_token(tokenizer), config, show_progress)
-
-    partial = output_dir.begin(out, output_dir.ADAPTER)  # refuses an --out holding anything but an adapter
-    partial.mkdir()
-    if config.method == LORA:
-        parameters = lora.export(model, spec, mapping, manifest.get("base_model", ""), partial)
-    else:
-        assert config.method == FULL
-        parameters = full.export(model, spec, mapping, partial)
     extra = manifest_extra(config, len(examples), stats)
-    write_manifest(partial, adapter_manifest_body(config.method, manifest, extra))
-    output_dir.commit(partial, out, output_dir.ADAPTER)
+    # under accelerate launch every rank holds the same weights: rank 0 writes them (and reports the count)
+    parameters = _write(model, spec, mapping, manifest, config, extra, out) if distributed.is_main_process() else 0
+    distributed.wait_for_everyone()
     return TrainResult(
         str(out),
         config.method,
@@ -115,3 +108,25 @@ def train_adapter(
         stats.seconds,
         stats.privacy,
     )
+
+
+def _write(
+    model: torch.nn.Module,
+    spec: ArchitectureSpec,
+    mapping: dict[int, int],
+    manifest: dict[str, Any],
+    config: TrainConfig,
+    extra: dict[str, Any],
+    out: Path,
+) -> int:
+    """Writes the adapter bundle to `out` (staged, then renamed); returns its parameter count."""
+    partial = output_dir.begin(out, output_dir.ADAPTER)  # refuses an --out holding anything but an adapter
+    partial.mkdir()
+    if config.method == LORA:
+        parameters = lora.export(model, spec, mapping, manifest.get("base_model", ""), partial)
+    else:
+        assert config.method == FULL
+        parameters = full.export(model, spec, mapping, partial)
+    write_manifest(partial, adapter_manifest_body(config.method, manifest, extra))
+    output_dir.commit(partial, out, output_dir.ADAPTER)
+    return parameters

@@ -1,5 +1,8 @@
 """The training loop: completion-only loss, AdamW, linear warm-up then cosine decay, progress bar.
 
+Without DP it runs on accelerate (`distributed.py`): one process on the best device, or data-parallel under
+`accelerate launch --num_processes N`, with the same result.
+
 With `config.dp_epsilon` set it runs DP-SGD through Opacus instead (`_make_private`): Poisson-sampled batches,
 every example's gradient clipped to `dp_max_grad_norm`, Gaussian noise calibrated by Opacus' RDP accountant so that
 the whole run spends at most (dp_epsilon, dp_delta), and the ε actually spent read back from the same accountant.
@@ -20,12 +23,14 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator
 from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from ...common.adapter_format import LORA
 from ...common.examples import TokenizedExample
-from ...common.scoring import IGNORE, collate, completion_nll, logits_at
+from ...common.scoring import IGNORE, collate, logits_at
+from . import distributed
 from .config import TrainConfig
 
 DP_ACCOUNTANT = "rdp"  # Opacus' Rényi accountant: the noise is calibrated and the spent ε read with it
@@ -120,33 +125,38 @@ def fit(
     schedule = get_cosine_schedule_with_warmup(optimizer, int(total * config.warmup_fraction), total)
     torch.manual_seed(config.seed)
     engine = None
+    accelerator = None
     with warnings.catch_warnings():
         # Opacus warns that its RNG is not cryptographic and that hooks fire on frozen inputs; both are documented
         warnings.filterwarnings("ignore", module=r"opacus\..*")
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
         if config.private:
+            if distributed.process_count() > 1:
+                raise ValueError("DP-SGD (--dp-epsilon) runs in one process: do not start it with accelerate launch")
             engine, optimizer, batches = _make_private(model, optimizer, len(data), config, total)
         else:
-            batches = _shuffled(len(data), config.batch_size, config.seed)
+            batches = _shuffled(len(data), config.batch_size, config.seed)  # the same global batches on every rank
+            accelerator = Accelerator()
+            objective, optimizer = accelerator.prepare(distributed.CompletionObjective(model), optimizer)
         model.train()
         losses: list[float] = []
         started = time.perf_counter()
+        show_progress = show_progress and distributed.is_main_process()  # one bar, not one per process
         with tqdm(total=total, desc="training", unit="step", disable=not show_progress) as bar:
             for _, chosen in zip(range(total), batches, strict=False):
-                if chosen:
-                    batch = collate([data[i] for i in chosen], pad_id)
-                    if engine is not None:
-                        loss = per_example_loss(model, batch).mean()
-                    else:
-                        nll, count = completion_nll(model, batch)
-                        loss = nll / max(count, 1)
+                if accelerator is not None:
+                    loss, shown = distributed.step_loss(accelerator, objective, data, chosen, pad_id)
+                    accelerator.backward(loss)
+                    losses.append(shown)
+                elif chosen:
+                    loss = per_example_loss(model, collate([data[i] for i in chosen], pad_id)).mean()
                     loss.backward()
                     losses.append(loss.item())
                 else:  # an empty Poisson batch: the step still runs, and adds pure noise, as the accountant assumes
                     for parameter in trainable:
                         parameter.grad_sample = torch.zeros(0, *parameter.shape, dtype=parameter.dtype)
-                if engine is None:
-                    torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+                if accelerator is not None:
+                    accelerator.clip_grad_norm_(trainable, 1.0)
                 optimizer.step()
                 schedule.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -154,6 +164,8 @@ def fit(
                 if losses:
                     bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.4f}")
         model.eval()
+    if accelerator is not None:
+        model.to("cpu")  # export and evaluation read the weights on the CPU
     privacy = _spent(engine, optimizer, config, total) if engine is not None else None
     if engine is not None:
         _detach_opacus(engine.wrapped_module)
