@@ -12,6 +12,7 @@ import grpc
 from tqdm import tqdm
 
 from ..common import output_dir
+from ..common.contract import HASH_BLOCK_BYTES
 from ..common.manifest import BundleError, verify_bundle
 from ..common.rpc import pb
 from .connection import Remote, RemoteError
@@ -37,6 +38,16 @@ def choose_offer(card: pb.ModelCard, emulator: str | None) -> pb.EmulatorOffer:
     return offers[emulator]
 
 
+def _prefix_digest(partial: Path, size: int) -> hashlib._Hash:
+    """sha256 over the first `size` bytes of an interrupted pull's partial file (nothing on a fresh pull)."""
+    digest = hashlib.sha256()
+    if size:
+        with partial.open("rb") as handle:
+            while block := handle.read(min(HASH_BLOCK_BYTES, size - handle.tell())):
+                digest.update(block)
+    return digest
+
+
 def _download(remote: Remote, artifact: str, name: str, target: Path, bar: tqdm, allowance: int) -> int:
     """Appends to TARGET.part from its current size; retries transient failures from where it stopped. The owner's
     sizes are not trusted: a file may not change its size mid-pull nor exceed `allowance`, what is left of the
@@ -45,6 +56,7 @@ def _download(remote: Remote, artifact: str, name: str, target: Path, bar: tqdm,
     expected_sha, file_size = None, None
     for attempt in range(RETRIES + 1):
         offset = partial.stat().st_size if partial.exists() else 0
+        digest = _prefix_digest(partial, offset)  # hashed as it arrives: the file is never read back whole
         try:
             with partial.open("ab") as handle:
                 for chunk in remote.pull(artifact, name, offset):
@@ -61,6 +73,7 @@ def _download(remote: Remote, artifact: str, name: str, target: Path, bar: tqdm,
                     if offset + len(chunk.data) > file_size:
                         raise BundleError(f"{name}: received more than its {file_size} bytes")
                     handle.write(chunk.data)
+                    digest.update(chunk.data)
                     offset += len(chunk.data)
                     bar.update(len(chunk.data))
                     expected_sha = chunk.file_sha256
@@ -75,10 +88,10 @@ def _download(remote: Remote, artifact: str, name: str, target: Path, bar: tqdm,
             if not transient or attempt == RETRIES:
                 raise RemoteError(error) from None
             time.sleep(RETRY_PAUSE_SECONDS * (attempt + 1))
-    digest = hashlib.sha256(partial.read_bytes()).hexdigest()
-    if digest != expected_sha:
+    received = digest.hexdigest()
+    if received != expected_sha:
         partial.unlink()
-        raise BundleError(f"{target}: sha256 {digest} does not match the owner's {expected_sha}")
+        raise BundleError(f"{target}: sha256 {received} does not match the owner's {expected_sha}")
     partial.replace(target)
     return offset
 

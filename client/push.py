@@ -13,7 +13,9 @@ from ..common.rpc import pb
 from .connection import Remote
 
 
-def push_adapter(remote: Remote, adapter_dir: Path, show_progress: bool = True) -> pb.PushAdapterResponse:
+def push_adapter(
+    remote: Remote, adapter_dir: Path, show_progress: bool = True, chunk_bytes: int = CHUNK_BYTES
+) -> pb.PushAdapterResponse:
     manifest = read_manifest(adapter_dir)
     verify_files(adapter_dir, manifest)
     names = [*sorted(manifest["files"]), MANIFEST_NAME]
@@ -28,7 +30,7 @@ def push_adapter(remote: Remote, adapter_dir: Path, show_progress: bool = True) 
             for name in names:
                 offset = 0
                 with (adapter_dir / name).open("rb") as handle:
-                    while data := handle.read(CHUNK_BYTES):
+                    while data := handle.read(chunk_bytes):
                         yield pb.PushAdapterRequest(chunk=pb.FileChunk(file=name, offset=offset, data=data))
                         offset += len(data)
                         bar.update(len(data))

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-MiB = 1024 * 1024
+KiB = 1024
+MiB = 1024 * KiB
 
 # Transfer
 CHUNK_BYTES = 1 * MiB  # what the owner sends per ArtifactChunk
 MAX_CHUNK_BYTES = 4 * MiB  # the most either side accepts in one chunk
 MAX_MESSAGE_BYTES = 8 * MiB  # gRPC send/receive cap; a chunk plus framing fits well inside
 MESSAGE_OVERHEAD_BYTES = 64 * 1024  # room for a message's fields and framing around its tensors
+HASH_BLOCK_BYTES = 4 * MiB  # what a file is read in to hash it: large enough to run at disk speed, small in memory
 
 # Uploads
 MAX_ADAPTER_BYTES = 256 * MiB

@@ -9,7 +9,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from .contract import MANIFEST_NAME
+from .contract import HASH_BLOCK_BYTES, MANIFEST_NAME
 from .signing import public_key_hex, sign, signature_is_valid
 
 
@@ -20,7 +20,7 @@ class BundleError(ValueError):
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(4 * 1024 * 1024), b""):
+        for block in iter(lambda: handle.read(HASH_BLOCK_BYTES), b""):
             digest.update(block)
     return digest.hexdigest()
 

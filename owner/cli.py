@@ -15,7 +15,7 @@ from typing import Any
 from ..common import output_dir
 from ..common.architectures import UnsupportedArchitecture
 from ..common.cli_output import emit, fail, quiet_libraries
-from ..common.contract import DEFAULT_MODEL, MiB
+from ..common.contract import DEFAULT_MODEL, KiB, MiB
 from ..common.examples import DataError, read_jsonl
 from ..common.model_loading import ModelNotFound, fingerprint, load_model
 from .audit import CallObserver, RpcLog, configure_logging
@@ -172,6 +172,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         limits=limits,
         represent_policy=represent_policy(args),
         model_queue=ModelQueue(args.model_workers, args.model_queue_per_tenant, args.model_queue_total),
+        chunk_bytes=args.pull_chunk_kib * KiB,
     )
     if store.tenant_count() == 0:
         log.warning("no tenants yet; add one with: offsite-owner tenants add NAME --store %s", args.store)

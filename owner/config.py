@@ -21,12 +21,15 @@ from pathlib import Path
 from typing import Any
 
 from ..common.contract import (
+    CHUNK_BYTES,
     DEFAULT_EMULATOR,
     DEFAULT_MODEL,
     MAX_ADAPTERS_PER_TENANT,
+    MAX_CHUNK_BYTES,
     MAX_STREAMS_PER_TENANT,
     MAX_TENANT_BYTES,
     MAX_TOP_K,
+    KiB,
     MiB,
 )
 from .audit_chain import DEFAULT_KEEP, DEFAULT_MAX_MIB
@@ -103,6 +106,11 @@ def _check_top_k(value: int) -> None:
         raise ValueError(f"{value} is outside 1..{MAX_TOP_K}")
 
 
+def _check_chunk_kib(value: int) -> None:
+    if not 1 <= value * KiB <= MAX_CHUNK_BYTES:
+        raise ValueError(f"{value} KiB is outside 1..{MAX_CHUNK_BYTES // KiB} KiB (what a client accepts per chunk)")
+
+
 def _check_emulators(values: list[str]) -> None:
     from .emulator import EmulatorSpec  # imports transformers: only when there is something to check
 
@@ -154,6 +162,13 @@ SERVE_OPTIONS: tuple[Option, ...] = (
         check=_check_emulators,
     ),
     Option("eval_data", str, None, "the owner's own validation set (JSONL)", path=True),
+    Option(
+        "pull_chunk_kib",
+        int,
+        CHUNK_BYTES // KiB,
+        "KiB per PullArtifact chunk (bench/transport.py measures 64, 1024, 4096)",
+        check=_check_chunk_kib,
+    ),
     Option(
         "release_margin",
         float,

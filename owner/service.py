@@ -203,8 +203,10 @@ class OwnerService:
         limits: TenantLimits | None = None,
         represent_policy: RepresentPolicy | None = None,
         model_queue: ModelQueue | None = None,
+        chunk_bytes: int = CHUNK_BYTES,
     ):
         self.loaded = loaded
+        self.chunk_bytes = chunk_bytes  # per PullArtifact chunk
         self.model_queue = model_queue or ModelQueue()  # every forward of the full model runs there, in turns
         self.represent_policy = represent_policy or RepresentPolicy()
         policy = self.represent_policy
@@ -294,7 +296,7 @@ class OwnerService:
             "base_fingerprint": self.fingerprint,
             "owner_public_key": self.public_key,
             "max_adapter_bytes": self.max_adapter_bytes,
-            "chunk_bytes": CHUNK_BYTES,
+            "chunk_bytes": self.chunk_bytes,
             "emulators": [
                 {
                     "id": e.spec.id,
@@ -345,7 +347,7 @@ class OwnerService:
             handle.seek(offset)
             position = offset
             while True:
-                data = handle.read(CHUNK_BYTES)
+                data = handle.read(self.chunk_bytes)
                 if not data and position != offset:
                     return
                 yield position, data, size, digest

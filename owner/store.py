@@ -24,6 +24,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from ..common.contract import HASH_BLOCK_BYTES
 from ..common.signing import canonical_json, load_or_create_private_key
 from .limits import TenantLimits
 
@@ -54,7 +55,6 @@ DIRECTORY_MODE = 0o700
 FILE_MODE = 0o600
 REGISTRY_FILE = "registry.sqlite"
 LOCK_FILE = ".lock"
-HASH_BLOCK_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,6 @@ from offsite.client.training import train_adapter
 from offsite.client.training.config import TrainConfig
 from offsite.common.manifest import read_manifest, sha256_file
 from offsite.common.rpc import pb
-from offsite.owner import service as owner_service
 from offsite.owner.store import Store
 
 
@@ -141,7 +140,7 @@ class _Dropped(grpc.RpcError):
 def test_a_pull_that_drops_half_way_resumes_and_verifies(
     owner: InProcessOwner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(owner_service, "CHUNK_BYTES", 16 * 1024)  # many chunks per file, so a drop can fall inside
+    owner.service.chunk_bytes = 16 * 1024  # many chunks per file, so a drop can fall inside
     offsets: list[int] = []
     dropped: set[str] = set()
     with owner.remote() as remote:
