@@ -151,6 +151,35 @@ def pema_table() -> str:
     return "\n".join(lines)
 
 
+def transport_table() -> str:
+    report = _load("transport.json")
+    lines = [
+        "| owner chunk | pull MB/s | push MB/s | disk read + sha256 MB/s | pull / disk |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    for row in report["chunks"]:
+        lines.append(
+            f"| {row['chunk_kib']} KiB | {row['pull']['mb_per_s']} | {row['push']['mb_per_s']} | "
+            f"{row['disk_read_sha256']['mb_per_s']} | {row['pull_over_disk']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def load_table() -> str:
+    report = _load("load.json")
+    return "\n".join(
+        [
+            "| clients | seconds | loops | errors | small-call p50 / p99 ms | model-call p50 / p99 ms | audit |",
+            "|---:|---:|---:|---:|---:|---:|---|",
+            f"| {report['clients']} | {report['seconds']} | {report['loops']} | {report['errors']} | "
+            f"{report['small_rpc_p50_ms']} / {report['small_rpc_p99_ms']} | {report['model_rpc_p50_ms']} / "
+            f"{report['model_rpc_p99_ms']} | "
+            + ("one line per mutating request" if report["audit_one_line_per_mutating_request"] else "MISMATCH")
+            + " |",
+        ]
+    )
+
+
 ROWS = ("zero_shot", "emulator_zero_shot", "emulator_adapter", "plug_in", "ceiling")
 TABLES: dict[str, Callable[[], str]] = {
     "transfer": transfer_table,
@@ -159,6 +188,8 @@ TABLES: dict[str, Callable[[], str]] = {
     "transfer-layouts": transfer_layouts_table,
     "demo": demo_table,
     "pema": pema_table,
+    "transport": transport_table,
+    "load": load_table,
 }
 
 

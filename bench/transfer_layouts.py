@@ -51,7 +51,7 @@ def probe(bench: transfer.TransferBench, emulators: list[str], tasks: list[str])
     return {"recipe": transfer.asdict(bench.recipe), "seed": 0, "rows": rows}
 
 
-def markdown(report: dict[str, Any]) -> str:
+def markdown(report: dict[str, Any], plot_name: str) -> str:
     lines = [
         "# Which layouts transfer (held-out training rows, seed 0)",
         "",
@@ -69,7 +69,7 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {r['emulator']} | {r['emulator_parameters'] or 0:,} | {ppl} | {r['task']} | {r['zero_shot']:.3f} "
             f"| {r['emulator_adapter']:.3f} | {r['plug_in']:.3f} | {(r['plug_in'] - r['zero_shot']) * 100:+.1f} |"
         )
-    lines += ["", "![frontier](transfer_layouts.png)"]
+    lines += ["", f"![frontier]({plot_name})"]
     return "\n".join(lines) + "\n"
 
 
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     specs = list(dict.fromkeys(transfer.split_specs(known.emulators)))  # a repeated spec would repeat its rows
     report = probe(bench, specs, [t for t in known.tasks.split(",") if t])
     out = Path(known.out)
-    write_results(out, report, markdown(report))
+    write_results(out, report, markdown(report, out.with_suffix(".png").name))
     plot(report, out.with_suffix(".png"))
 
 
