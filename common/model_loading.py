@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import logging
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,8 +68,11 @@ def gguf_cache_key(path: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def load_model(model: str, cache_dir: Path | None = None) -> LoadedModel:
-    """Loads MODEL in fp32. A GGUF is converted once into `cache_dir` when one is given."""
+def load_model(model: str, cache_dir: Path | None = None, device_map: str | None = None) -> LoadedModel:
+    """Loads MODEL in fp32. A GGUF is converted once into `cache_dir` when one is given.
+
+    `device_map` ("auto", "balanced", "sequential", "cpu", "cuda:0", ...) hands placement to accelerate through
+    `from_pretrained`; a GGUF is dequantized on the CPU, saved to `cache_dir` and reloaded with the map."""
     if model in EMBEDDED_MODELS:
         gguf: Path | None = embedded_gguf_path(model)
         name = model
@@ -83,8 +87,10 @@ def load_model(model: str, cache_dir: Path | None = None) -> LoadedModel:
 
     if gguf is not None:
         cached = cache_dir / f"{name}-{gguf_cache_key(gguf)}" if cache_dir else None
+        if device_map is not None and cached is None:
+            raise ValueError("a device map for a GGUF model needs a cache directory to reload the conversion from")
         if cached is not None and (cached / "config.json").is_file():
-            return _load_directory(cached, name)
+            return _load_directory(cached, name, device_map)
         log.info("converting %s (dequantizing a GGUF takes a while)", gguf)
         loaded, tokenizer = _load_gguf(gguf)
         if cached is not None:
@@ -92,6 +98,8 @@ def load_model(model: str, cache_dir: Path | None = None) -> LoadedModel:
             loaded.save_pretrained(partial)
             tokenizer.save_pretrained(partial)
             partial.rename(cached)
+            if device_map is not None:
+                return _load_directory(cached, name, device_map)
         spec_for(loaded.config)
         return LoadedModel(loaded.eval(), tokenizer, name)
 
@@ -100,14 +108,29 @@ def load_model(model: str, cache_dir: Path | None = None) -> LoadedModel:
             f"{model!r} is not a directory, a .gguf file, a hub id (owner/name) or one of: "
             + ", ".join(EMBEDDED_MODELS)
         )
-    return _load_directory(model, name)
+    return _load_directory(model, name, device_map)
 
 
-def _load_directory(path: str | Path, name: str) -> LoadedModel:
-    loaded = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+def _load_directory(path: str | Path, name: str, device_map: str | None = None) -> LoadedModel:
+    loaded = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, device_map=device_map)
     spec_for(loaded.config)
     tokenizer = AutoTokenizer.from_pretrained(path)
     return LoadedModel(loaded.eval(), tokenizer, name)
+
+
+def input_device(model: torch.nn.Module) -> torch.device:
+    """Where a forward's inputs go: the embedding's device (accelerate's hooks move them on from there)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.get_input_embeddings().weight.device
+
+
+def placement(model: torch.nn.Module) -> str:
+    """Where the weights are, for the banner: one device, or accelerate's map counted by device."""
+    device_map = getattr(model, "hf_device_map", None)
+    if not device_map:
+        return str(input_device(model))
+    counts = Counter(f"cuda:{d}" if isinstance(d, int) else str(d) for d in device_map.values())
+    return ", ".join(f"{device} ({n} module{'s' if n > 1 else ''})" for device, n in counts.items())
 
 
 def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> int:

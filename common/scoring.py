@@ -19,7 +19,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .examples import IGNORE, Example, TokenizedExample, encode, keep_end, leading_special_count
 from .memory import PeakRss
-from .model_loading import ensure_pad_token
+from .model_loading import ensure_pad_token, input_device
 
 ProgressCallback = Callable[[int, int], None]
 Returned = TypeVar("Returned")
@@ -38,9 +38,11 @@ def logits_at(
 ) -> torch.Tensor:
     """Logits at positions (rows[k], cols[k]) of a right-padded batch, shape [K, vocab]."""
     causal = causal_model(model)
-    hidden = causal.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]
+    device = input_device(causal)
+    inputs = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
+    hidden = causal.base_model(**inputs, use_cache=False)[0]
     head = causal.get_output_embeddings()
-    return head(hidden[rows, cols]).float()
+    return head(hidden[rows.to(hidden.device), cols.to(hidden.device)]).float()
 
 
 def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int, fill: int | None = None) -> torch.Tensor:
@@ -61,7 +63,7 @@ def completion_nll(model: PreTrainedModel | PeftModel, batch: dict[str, torch.Te
     targets = batch["labels"][:, 1:]
     rows, cols = (targets != IGNORE).nonzero(as_tuple=True)
     logits = logits_at(model, batch["input_ids"], batch["attention_mask"], rows, cols)
-    return F.cross_entropy(logits, targets[rows, cols], reduction="sum"), int(rows.numel())
+    return F.cross_entropy(logits, targets[rows, cols].to(logits.device), reduction="sum"), int(rows.numel())
 
 
 @dataclass(frozen=True)

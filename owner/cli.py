@@ -17,7 +17,7 @@ from ..common.architectures import UnsupportedArchitecture
 from ..common.cli_output import emit, fail, quiet_libraries
 from ..common.contract import DEFAULT_MODEL, KiB, MiB
 from ..common.examples import DataError, read_jsonl
-from ..common.model_loading import ModelNotFound, fingerprint, load_model
+from ..common.model_loading import ModelNotFound, fingerprint, load_model, placement
 from .audit import CallObserver, RpcLog, configure_logging
 from .audit_chain import AUDIT_FILE, Head, Rotation, verify_audit
 from .certificates import (
@@ -107,6 +107,7 @@ def banner_fields(
         "address": address,
         "model": service.loaded.name,
         "architecture": service.loaded.model.config.model_type,
+        "devices": placement(service.loaded.model),
         "emulators": {
             emulator_id: {"parameters": int(e.manifest["parameters"]), "bytes": e.bytes}
             for emulator_id, e in sorted(service.emulators.items())
@@ -127,6 +128,7 @@ def render_banner(fields: dict[str, object]) -> str:
     rows = [
         ("address", fields["address"]),
         ("model", f"{fields['model']} ({fields['architecture']})"),
+        ("devices", fields["devices"]),
         *(
             ("emulator", f"{name}: {info['parameters']:,} parameters, {info['bytes'] / MiB:,.1f} MiB")
             for name, info in emulators.items()
@@ -161,7 +163,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     specs = [EmulatorSpec.parse(text) for text in args.emulator]
     owner_examples = read_jsonl(Path(args.eval_data)) if args.eval_data else None
     log.info("loading %s ...", args.model)
-    loaded = load_model(args.model, cache_dir=store.models_dir)
+    loaded = load_model(args.model, cache_dir=store.models_dir, device_map=args.device_map)
     limits = TenantLimits(args.max_adapters, args.max_tenant_mib * MiB, args.max_streams)
     service = OwnerService(
         loaded,

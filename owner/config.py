@@ -151,6 +151,13 @@ class Option:
 
 SERVE_OPTIONS: tuple[Option, ...] = (
     Option("model", str, DEFAULT_MODEL, "HF directory, .gguf file, hub id, or smollm2-135m"),
+    Option(
+        "device_map",
+        str,
+        None,
+        "place the full model with accelerate: auto, balanced, sequential, cpu, cuda:0, ... (default: the CPU, "
+        "unplaced)",
+    ),
     Option("store", str, None, "the owner's store directory", required=True, path=True),
     Option("listen", str, DEFAULT_LISTEN, "HOST:PORT (port 0 picks a free one)", check=_check_listen),
     Option(

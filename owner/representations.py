@@ -22,6 +22,7 @@ from transformers import PreTrainedModel
 
 from ..common.architectures import blocks
 from ..common.contract import REPRESENT_BATCH
+from ..common.model_loading import input_device
 from ..common.scoring import causal_model
 
 NO_LOG_PROBS, LAST_LOG_PROBS, ALL_LOG_PROBS = "none", "last", "all"  # where a request wants log-probs
@@ -94,8 +95,9 @@ class RepresentationBatcher:
             ids[row, : len(request.ids)] = torch.tensor(request.ids, dtype=torch.long)
             mask[row, : len(request.ids)] = 1
         causal = causal_model(self.model)
+        device = input_device(causal)
         try:
-            normed = causal.base_model(input_ids=ids, attention_mask=mask, use_cache=False)[0]
+            normed = causal.base_model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)[0]
         finally:
             handle.remove()
         head = causal.get_output_embeddings()
@@ -105,6 +107,6 @@ class RepresentationBatcher:
             log_probs = None
             if request.log_probs_at != NO_LOG_PROBS:
                 first = length - 1 if request.log_probs_at == LAST_LOG_PROBS else 0
-                log_probs = torch.log_softmax(head(normed[row, first:length]).float(), dim=-1)
-            results.append(Represented(captured[-1][row, :length].float(), log_probs))
+                log_probs = torch.log_softmax(head(normed[row, first:length]).float(), dim=-1).cpu()
+            results.append(Represented(captured[-1][row, :length].float().cpu(), log_probs))
         return results

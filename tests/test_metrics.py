@@ -160,6 +160,7 @@ def test_serve_with_a_config_file_exposes_metrics_banner_and_json_logs(tiny_mode
     config.write_text(
         f'model = "{tiny_model_dir("llama")}"\nstore = "store"\nlisten = "127.0.0.1:0"\n'
         f'emulator = ["uniform:{TINY_LAYOUT}"]\nmetrics_port = {metrics_port}\nlog_format = "json"\n'
+        'device_map = "auto"\n'
     )
     process = subprocess.Popen(
         [sys.executable, "-m", "offsite.owner", "serve", "--config", str(config), "--json"],
@@ -190,6 +191,7 @@ def test_serve_with_a_config_file_exposes_metrics_banner_and_json_logs(tiny_mode
     assert banner["metrics"] == url and banner["owner_public_key"] == ready["owner_public_key"]
     assert banner["emulators"][f"uniform-{TINY_LAYOUT}"]["bytes"] > 0
     assert banner["config"] == str(config)
+    assert banner["devices"] == "cpu"  # device_map = "auto" reached accelerate
     audit = [json.loads(text) for text in (store / "audit.jsonl").read_text().splitlines()]
     card_call = next(entry for entry in audit if entry["method"].endswith("/GetModelCard"))
     assert any(entry.get("request_id") == card_call["request_id"] for entry in logged if "method" in entry)
@@ -201,6 +203,7 @@ def test_the_text_banner_shows_what_an_operator_checks_first() -> None:
         "address": "127.0.0.1:50051",
         "model": "tiny",
         "architecture": "llama",
+        "devices": "cuda:0 (20 modules), cuda:1 (14 modules)",
         "emulators": {"uniform-1-2-1": {"parameters": 12_345, "bytes": 3 * 1024 * 1024}},
         "owner_public_key": "ab" * 32,
         "tls": "off",
@@ -212,4 +215,5 @@ def test_the_text_banner_shows_what_an_operator_checks_first() -> None:
     text = render_banner(fields)
     assert "127.0.0.1:50051" in text and "tiny (llama)" in text and "ab" * 32 in text
     assert "uniform-1-2-1: 12,345 parameters, 3.0 MiB" in text
+    assert "cuda:0 (20 modules), cuda:1 (14 modules)" in text
     assert "metrics    off" in text and "TLS        off" in text

@@ -17,6 +17,7 @@ from peft import PeftModel
 from transformers import PreTrainedModel
 
 from ..architectures import blocks
+from ..model_loading import input_device
 from ..scoring import causal_model
 
 StepResult = tuple[torch.Tensor, torch.Tensor]  # f(x) [n, d] and log P_LM [n, V], float32
@@ -37,7 +38,7 @@ class LocalStepper:
         # LoRA layers sit inside the base model's modules: calling the base model applies them.
         self.model = causal_model(model).eval()
         self.last_block = blocks(self.model)[-1]
-        self.device = self.model.get_input_embeddings().weight.device
+        self.device = input_device(self.model)
         parameters = inspect.signature(self.model.forward).parameters
         # Bloom's ALiBi takes positions from the attention mask and has no position_ids.
         self.takes_positions = "position_ids" in parameters

@@ -19,6 +19,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..architectures import blocks
 from ..examples import Example, encode
+from ..model_loading import input_device
 from .memory import Memory, MemoryWriter
 
 TEACHER_FORCING, OWN_GENERATION = "teacher-forcing", "own-generation"
@@ -54,7 +55,8 @@ class LocalRepresenter:
             ids[row, : len(sequence)] = torch.tensor(sequence, dtype=torch.long)
             mask[row, : len(sequence)] = 1
         try:
-            logits = self.model(input_ids=ids, attention_mask=mask).logits
+            device = input_device(self.model)
+            logits = self.model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
         finally:
             handle.remove()
         states = captured[-1]
