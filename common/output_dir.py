@@ -122,7 +122,12 @@ def begin(out: Path, kind: BundleKind, resume: bool = False) -> Path:
             shutil.rmtree(staging)
     staging.mkdir(parents=True, exist_ok=True)
     (staging / STAGING_MARKER).touch()
-    return staging / _absolute(out).name
+    return staged_path(out)
+
+
+def staged_path(out: Path) -> Path:
+    """Where `begin` has the bundle written: what the other processes of a launch read the leader's work from."""
+    return staging_dir(out) / _absolute(out).name
 
 
 def commit(work: Path, out: Path, kind: BundleKind) -> None:

@@ -12,7 +12,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from ..common import output_dir
+from ..common import output_dir, processes
 from ..common.architectures import UnsupportedArchitecture
 from ..common.cli_output import emit, fail, quiet_libraries
 from ..common.contract import DEFAULT_MODEL, KiB, MiB
@@ -269,13 +269,24 @@ def cmd_build_emulator(args: argparse.Namespace) -> None:
     spec = EmulatorSpec.parse(f"{args.method}:{args.layout}{options}")
     out = Path(args.out)
     output_dir.check(out, output_dir.EMULATOR)  # before the model loads
+    if processes.process_count() > 1 and spec.method != "distill":
+        raise SystemExit(f"error: only distill trains; build {spec.method} in one process, without accelerate launch")
+    if not processes.is_main_process():  # under accelerate launch: train beside rank 0 in its staging, write nothing
+        processes.wait_for_everyone()  # rank 0 has converted the model, made the key and the staging
+        store = Store(Path(args.store))
+        loaded = load_model(args.model, cache_dir=store.models_dir)
+        work = output_dir.staged_path(out)
+        build_emulator(loaded.model, loaded.tokenizer, spec, work, store.signing_key(), "", loaded.name)
+        return
     store = Store(Path(args.store))
     loaded = load_model(args.model, cache_dir=store.models_dir)
+    key = store.signing_key()
     # resume: a long build keeps its resumable state inside the staging directory
     with output_dir.staged(out, output_dir.EMULATOR, resume=True) as work:
-        manifest = build_emulator(
-            loaded.model, loaded.tokenizer, spec, work, store.signing_key(), fingerprint(loaded.model), loaded.name
-        )
+        processes.wait_for_everyone()
+        base = fingerprint(loaded.model)
+        manifest = build_emulator(loaded.model, loaded.tokenizer, spec, work, key, base, loaded.name)
+    assert manifest is not None  # rank 0 writes the bundle
     emit(
         {
             "ok": True,

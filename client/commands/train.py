@@ -10,9 +10,9 @@ from ...common.cli_output import emit
 from ...common.examples import read_jsonl
 from ...common.memory import peak_rss_bytes
 from ...common.pema.config import SCHEDULES, PemaConfig
+from ...common.processes import is_main_process
 from ..training import train_adapter
 from ..training.config import DEFAULT_LEARNING_RATE, TRAIN_BLOCKS, TrainConfig
-from ..training.distributed import is_main_process
 from ..training.pema import train_pema_bundle
 from . import Commands, add_command
 

@@ -9,13 +9,13 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from ...common import output_dir
+from ...common import output_dir, processes
 from ...common.adapter_format import FULL, LORA, METHODS, adapter_manifest_body
 from ...common.architectures import ArchitectureSpec, spec_for
 from ...common.examples import Example, tokenize_for_training
 from ...common.manifest import verify_bundle, write_manifest
 from ...common.model_loading import ensure_pad_token
-from . import distributed, full, lora
+from . import full, lora
 from .config import TRAIN_BLOCKS, TrainConfig
 from .loop import LoopStats, fit
 
@@ -94,8 +94,8 @@ def train_adapter(
     stats = fit(model, data, ensure_pad_token(tokenizer), config, show_progress)
     extra = manifest_extra(config, len(examples), stats)
     # under accelerate launch every rank holds the same weights: rank 0 writes them (and reports the count)
-    parameters = _write(model, spec, mapping, manifest, config, extra, out) if distributed.is_main_process() else 0
-    distributed.wait_for_everyone()
+    parameters = _write(model, spec, mapping, manifest, config, extra, out) if processes.is_main_process() else 0
+    processes.wait_for_everyone()
     return TrainResult(
         str(out),
         config.method,

@@ -9,7 +9,7 @@ train the adapter one process would, up to float rounding. Run plainly, accelera
 from __future__ import annotations
 
 import torch
-from accelerate import Accelerator, PartialState
+from accelerate import Accelerator
 
 from ...common.examples import TokenizedExample
 from ...common.scoring import IGNORE, collate, completion_nll
@@ -25,19 +25,6 @@ class CompletionObjective(torch.nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
         return completion_nll(self.model, batch)[0]
-
-
-def is_main_process() -> bool:
-    """True in a plain run and on rank 0 of `accelerate launch`: the one process that writes files and prints."""
-    return PartialState().is_main_process
-
-
-def process_count() -> int:
-    return PartialState().num_processes
-
-
-def wait_for_everyone() -> None:
-    PartialState().wait_for_everyone()
 
 
 def completion_tokens(examples: list[TokenizedExample]) -> int:

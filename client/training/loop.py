@@ -27,6 +27,7 @@ from accelerate import Accelerator
 from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
+from ...common import processes
 from ...common.adapter_format import LORA
 from ...common.examples import TokenizedExample
 from ...common.scoring import IGNORE, collate, logits_at
@@ -131,7 +132,7 @@ def fit(
         warnings.filterwarnings("ignore", module=r"opacus\..*")
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
         if config.private:
-            if distributed.process_count() > 1:
+            if processes.process_count() > 1:
                 raise ValueError("DP-SGD (--dp-epsilon) runs in one process: do not start it with accelerate launch")
             engine, optimizer, batches = _make_private(model, optimizer, len(data), config, total)
         else:
@@ -141,7 +142,7 @@ def fit(
         model.train()
         losses: list[float] = []
         started = time.perf_counter()
-        show_progress = show_progress and distributed.is_main_process()  # one bar, not one per process
+        show_progress = show_progress and processes.is_main_process()  # one bar, not one per process
         with tqdm(total=total, desc="training", unit="step", disable=not show_progress) as bar:
             for _, chosen in zip(range(total), batches, strict=False):
                 if accelerator is not None:

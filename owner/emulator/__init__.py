@@ -12,6 +12,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from ...common import processes
 from ...common.architectures import depth
 from ...common.signing import canonical_json
 from . import crash, distill, gradot, lowrank, uniform
@@ -77,8 +78,11 @@ def build_emulator(
     base_fingerprint: str,
     model_name: str,
     show_progress: bool = True,
-) -> dict[str, Any]:
+) -> dict[str, Any] | None:
     """Builds the emulator `spec` of `full` into `out` and returns its signed manifest.
+
+    Under `accelerate launch` every process trains (distill is data-parallel) and rank 0 alone measures, signs and
+    writes the bundle; the other ranks return None.
 
     Long builds keep resumable state in `out`'s sibling `<name>.work`, removed once the bundle is written. With the
     option `bridge=1` the bundle also ships `bridge.safetensors`, its facts under the manifest's `bridge` and its
@@ -89,6 +93,8 @@ def build_emulator(
     work_dir = out.with_name(out.name + ".work")
     request = BuildRequest(full, tokenizer, spec.layout, spec.parsed_options(), work_dir, show_progress)
     built = BUILDERS[spec.method].build(request)
+    if not processes.is_main_process():
+        return None
     adapters = built.adapters if built.adapters is not None else spec.layout.adapter_blocks(total)
     card = measure(full, built.model, tokenizer, request.options.get("data"))
     bridge = None

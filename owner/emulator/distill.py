@@ -10,6 +10,10 @@ where a kept boundary is the state entering each block that follows a kept middl
 should be the teacher's state entering the same full-model block (for the last kept block of a gap, the state that
 leaves the gap, i.e. the input of the next adapter block). Logit KD is off unless `kd=` gives it a weight.
 
+Under `accelerate launch --num_processes N` the run is data-parallel (DDP): each process takes every N-th window of
+the same global batch, and because every term is a mean over equally many tokens, DDP's gradient mean is the
+one-process gradient; rank 0 alone writes checkpoints. Run plainly it is the single-process loop it always was.
+
 The budget is `tokens=` (or `steps=`); the run checkpoints every `eval_every` steps into the build's work directory,
 resumes from there after a crash, shows a progress bar, and keeps the checkpoint with the lowest loss (LM +
 nmse_weight · NMSE at the gap exits) on the first windows of a held-out novel (Frankenstein) that it never trains
@@ -30,11 +34,14 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 from transformers import PreTrainedModel
 
+from ...common import processes
 from ...common.architectures import block_prefix, depth, spec_for
+from ...common.model_loading import input_device
 from . import uniform
 from .interface import BuildRequest, Built, positive_int
 from .layout import LayoutError
@@ -150,6 +157,35 @@ def logit_kd(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torc
     )
 
 
+class DistillObjective(torch.nn.Module):
+    """The training loss of one batch as a module: DDP syncs gradients only for calls through its own forward."""
+
+    def __init__(
+        self,
+        emulator: PreTrainedModel,
+        config: DistillConfig,
+        boundaries: list[tuple[int, int]],
+        exits: list[tuple[int, int]],
+    ):
+        super().__init__()
+        self.emulator, self.config, self.boundaries, self.exits = emulator, config, boundaries, exits
+
+    def forward(
+        self, batch: torch.Tensor, teacher_states: tuple[torch.Tensor, ...], teacher_logits: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(loss, LM loss, NMSE over the kept boundaries)."""
+        config = self.config
+        out = self.emulator(input_ids=batch, labels=batch, output_hidden_states=True)
+        distance = torch.stack([nmse(teacher_states[t], out.hidden_states[s]) for t, s in self.boundaries]).mean()
+        loss = out.loss + config.nmse_weight * distance
+        if config.exit_weight:
+            at_exits = torch.stack([nmse(teacher_states[t], out.hidden_states[s]) for t, s in self.exits]).mean()
+            loss = loss + config.exit_weight * at_exits
+        if teacher_logits is not None:
+            loss = loss + config.kd_weight * logit_kd(teacher_logits, out.logits)
+        return loss, out.loss, distance
+
+
 def heldout_loss(config: DistillConfig, perplexity: float, exit_nmse: float) -> float:
     """What picks the checkpoint: the training loss without KD, on held-out text and at the gap exits only."""
     return math.log(perplexity) + config.nmse_weight * exit_nmse
@@ -159,7 +195,7 @@ class HeldOut:
     """The held-out windows and the teacher's states at the gap exits on them, computed once (the teacher is frozen)."""
 
     def __init__(self, full: PreTrainedModel, windows: torch.Tensor, exits: list[tuple[int, int]], batch_size: int):
-        self.windows, self.exits, self.batch_size = windows, exits, batch_size
+        self.windows, self.exits, self.batch_size = windows.to(input_device(full)), exits, batch_size
         with torch.no_grad():
             self.targets = [
                 [full.base_model(input_ids=batch, output_hidden_states=True).hidden_states[t] for t, _ in exits]
@@ -254,12 +290,22 @@ def distill_middle(
     boundaries = kept_boundaries(block_map, adapters, total)
     exits = gap_exits(block_map, adapters, total)
     full.eval()
+    accelerator = Accelerator() if processes.process_count() > 1 else None
+    if accelerator is not None:
+        if config.batch_size % accelerator.num_processes:
+            raise LayoutError(
+                f"distillation's batch of {config.batch_size} windows does not split evenly over "
+                f"{accelerator.num_processes} processes; launch a number of processes that divides it"
+            )
+        full.to(accelerator.device)
+        emulator.to(accelerator.device)
     for parameter in emulator.parameters():
         parameter.requires_grad_(False)
     params = middle_parameters(emulator, block_map, adapters)
     for parameter in params.values():
         parameter.requires_grad_(True)
     optimizer = torch.optim.AdamW(list(params.values()), lr=config.lr, weight_decay=0.0)
+    main = processes.is_main_process()
     heldout = HeldOut(full, text.heldout[: config.max_heldout_chunks], gap_exits(block_map, adapters, total), 4)
     identity = {"config": asdict(config), "text_sha256": text.sha256, "block_map": block_map}
     checkpoint = _Checkpoint(checkpoint_dir, identity)
@@ -276,34 +322,40 @@ def distill_middle(
             "best_step": 0,
             "nmse": [],
         }
-        checkpoint.save_best(params)
+        if main:
+            checkpoint.save_best(params)
     start_step = progress["step"]
     nmse_history: list[float] = progress["nmse"]
 
+    objective = DistillObjective(emulator, config, boundaries, exits)
+    if accelerator is not None:
+        objective, optimizer = accelerator.prepare(objective, optimizer)
     emulator.train()
+    show_progress = show_progress and main  # one bar, not one per process
     with tqdm(total=config.steps, initial=start_step, desc="distilling", unit="step", disable=not show_progress) as bar:
         for step in range(start_step, config.steps):
             batch = text.train[batch_order(len(text.train), config.batch_size, config.seed, step)]
+            if accelerator is not None:  # this process's share of the global batch
+                batch = batch[accelerator.process_index :: accelerator.num_processes].to(accelerator.device)
             with torch.no_grad():  # the teacher is frozen: its targets for this batch, computed once
                 teacher = (full if config.kd_weight else full.base_model)(input_ids=batch, output_hidden_states=True)
-            out = emulator(input_ids=batch, labels=batch, output_hidden_states=True)
-            distance = torch.stack([nmse(teacher.hidden_states[t], out.hidden_states[s]) for t, s in boundaries]).mean()
-            loss = out.loss + config.nmse_weight * distance
-            if config.exit_weight:
-                at_exits = torch.stack([nmse(teacher.hidden_states[t], out.hidden_states[s]) for t, s in exits]).mean()
-                loss = loss + config.exit_weight * at_exits
-            if config.kd_weight:
-                loss = loss + config.kd_weight * logit_kd(teacher.logits, out.logits)
+            teacher_logits = teacher.logits if config.kd_weight else None
+            loss, lm, distance = objective(batch, teacher.hidden_states, teacher_logits)
             for group in optimizer.param_groups:
                 group["lr"] = cosine_lr(config, step)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
+            if accelerator is not None:
+                accelerator.backward(loss)
+                accelerator.clip_grad_norm_(list(params.values()), 1.0)
+                lm, distance = (accelerator.reduce(x.detach(), reduction="mean") for x in (lm, distance))
+            else:
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             nmse_history.append(distance.item())
             bar.update(1)
             bar.set_postfix(
-                lm=f"{out.loss.item():.3f}",
+                lm=f"{lm.item():.3f}",
                 nmse=f"{nmse_history[-1]:.4f}",
                 best_ppl=f"{progress['best_perplexity']:.2f}",
             )
@@ -314,10 +366,16 @@ def distill_middle(
                     config, progress["best_perplexity"], progress["best_heldout_nmse"]
                 ):
                     progress.update(best_perplexity=perplexity, best_heldout_nmse=heldout_nmse, best_step=done)
-                    checkpoint.save_best(params)
-                checkpoint.save(dict(progress, step=done), params, optimizer)
+                    if main:
+                        checkpoint.save_best(params)
+                if main:
+                    checkpoint.save(dict(progress, step=done), params, optimizer)
 
+    processes.wait_for_everyone()  # rank 0's best checkpoint is on disk before anyone reads it
     checkpoint.load_best(params)
+    if accelerator is not None:  # the report card and the bundle are made on the CPU, as in a plain run
+        full.cpu()
+        emulator.cpu()
     for parameter in emulator.parameters():
         parameter.requires_grad_(False)
     emulator.eval()
