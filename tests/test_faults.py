@@ -162,6 +162,19 @@ def test_a_pull_that_drops_half_way_resumes_and_verifies(
     assert not list((tmp_path / "emulator").glob("*.part"))
 
 
+def _first_refusal(address: str, token: str, seconds: float) -> RemoteError | None:
+    """The error of the first small call the daemon refuses within `seconds`, or None if it answered them all."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            with Remote(address, token, timeout=5) as late:
+                late.model_card()
+        except RemoteError as error:
+            return error
+        time.sleep(0.1)
+    return None
+
+
 def test_sigterm_refuses_new_calls_drains_the_one_in_flight_and_exits(tiny_model_dir, tmp_path: Path) -> None:
     store = Store(tmp_path / "store")
     token = store.add_tenant("alice")
@@ -173,10 +186,10 @@ def test_sigterm_refuses_new_calls_drains_the_one_in_flight_and_exits(tiny_model
             stream = remote.generate(pb.GenerateRequest(prompt="Review: fine", max_new_tokens=240))
             first = next(stream)
             process.send_signal(signal.SIGTERM)
-            time.sleep(0.5)  # the daemon has stopped accepting calls
-            with Remote(address, token, timeout=10) as late, pytest.raises(RemoteError) as refused:
-                late.model_card()
-            assert refused.value.code == grpc.StatusCode.UNAVAILABLE
+            # the signal is handled on the daemon's main thread, which a loaded machine may schedule late: poll
+            refused = _first_refusal(address, token, seconds=20)
+            assert refused is not None, "the daemon kept accepting new calls 20 s after SIGTERM"
+            assert refused.code == grpc.StatusCode.UNAVAILABLE
             rest = list(stream)  # the call in flight runs to its end
         assert first.text is not None and rest and rest[-1].done
         assert process.wait(30) == 0
