@@ -80,6 +80,23 @@ def merged_model(full: PreTrainedModel, adapter_dir: Path, method: str) -> PreTr
     return cast(PreTrainedModel, plugged)
 
 
+def add_legacy_rope_keys(config_file: Path) -> None:
+    """Repeats transformers 5's `rope_parameters` as the 4.x keys `rope_theta` and `rope_scaling`.
+
+    Tools pinned to transformers 4.x (vLLM releases, older lm-eval installs) read only the old keys and would
+    otherwise fall back to θ = 10,000 silently (SmolLM2 uses 100,000), so the export would serve another model.
+    """
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    rope = config.get("rope_parameters")
+    if not isinstance(rope, dict) or "rope_theta" not in rope:
+        return  # no rotary embedding (GPT-2, OPT, Bloom) or already in the old form
+    config.setdefault("rope_theta", rope["rope_theta"])
+    if rope.get("rope_type", "default") != "default":
+        scaling = {key: value for key, value in rope.items() if key != "rope_theta"}
+        config.setdefault("rope_scaling", {**scaling, "type": scaling["rope_type"]})
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
 def export_adapter(store: Store, adapter_id: str, out: Path, model: str, tenant: str | None = None) -> dict[str, Any]:
     """Writes the merged model to `out` and returns its provenance manifest (what `offsite_export.json` holds).
 
@@ -101,6 +118,7 @@ def export_adapter(store: Store, adapter_id: str, out: Path, model: str, tenant:
     with output_dir.staged(out, EXPORTED_MODEL) as work:
         work.mkdir()
         merged.save_pretrained(work)  # safetensors, config.json and generation_config.json where the model has one
+        add_legacy_rope_keys(work / "config.json")
         loaded.tokenizer.save_pretrained(work)
         manifest = _write_provenance(work, record, adapter_dir, loaded.name, base_fingerprint, store)
     return manifest

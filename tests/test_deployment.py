@@ -14,6 +14,9 @@ from pathlib import Path
 import pytest
 import yaml  # a dependency of transformers, so always installed with offsite
 
+from offsite.client import cli as client_cli
+from offsite.owner import cli as owner_cli
+
 ROOT = Path(__file__).resolve().parents[1]
 CA_KEY = "ca.key"
 TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
@@ -139,3 +142,40 @@ def test_every_file_a_service_names_is_in_a_volume_it_mounts(compose: dict) -> N
     assert data_dir == f"/usr/local/lib/python{python}/site-packages/offsite/client/data"
     for file in re.findall(r"\$\$D/([\w.-]+)", command):
         assert (ROOT / "client" / "data" / file).is_file(), file
+
+
+def cli_statements(compose: dict) -> list[tuple[str, list[str]]]:
+    """(service, words) of every `offsite-owner ...` or `offsite ...` statement in a service's command."""
+    found = []
+    for name, service in compose["services"].items():
+        for words in shell_statements(service.get("command", "")):
+            words = words[1:] if words[:1] == ["exec"] else words
+            redirect = next((i for i, word in enumerate(words) if re.match(r"\d*>", word)), len(words))
+            if words and words[0] in ("offsite-owner", "offsite"):
+                found.append((name, words[:redirect]))  # the redirections at its end are the shell's, not the CLI's
+    return found
+
+
+def test_every_command_parses_with_the_cli_and_every_published_port_is_served(compose: dict) -> None:
+    parsers = {"offsite-owner": owner_cli.parser(), "offsite": client_cli.parser()}
+    statements = cli_statements(compose)
+    assert {words[0] for _, words in statements} == set(parsers)
+    for name, words in statements:
+        environment = compose["services"][name].get("environment") or {}
+        # $$TLS and the like come from the service's environment; $$D, $$ID are the script's own variables
+        expanded = [part for w in words for part in (shlex.split(environment.get(w[2:], w)))]
+        try:
+            parsers[words[0]].parse_args(expanded[1:])
+        except SystemExit:
+            pytest.fail(f"{name}: {' '.join(expanded)} is not a valid command line")
+    owner = compose["services"]["owner"]
+    serve = next(words for name, words in statements if name == "owner" and words[1] == "serve")
+    served = {
+        int(serve[serve.index("--listen") + 1].rsplit(":", 1)[1]),
+        int(serve[serve.index("--metrics-port") + 1]),
+    }
+    published = {int(str(entry).rsplit(":", 1)[1]) for entry in owner["ports"]}
+    assert published == served, f"published {sorted(published)}, the daemon serves {sorted(served)}"
+    assert serve[serve.index("--metrics-host") + 1] == "0.0.0.0", "metrics on loopback cannot leave the container"
+    health = " ".join(owner["healthcheck"]["test"])
+    assert str(min(served & {int(p) for p in re.findall(r"\b(\d{4,5})\b", health)})) in health

@@ -22,7 +22,7 @@ from offsite.common.model_loading import LoadedModel, fingerprint, load_model
 from offsite.common.signing import public_key_hex, signature_is_valid
 from offsite.owner.adapters.plugin import plug
 from offsite.owner.emulator import EmulatorSpec
-from offsite.owner.export import EXPORT_MANIFEST, ExportRefused, export_adapter, find_adapter
+from offsite.owner.export import EXPORT_MANIFEST, ExportRefused, add_legacy_rope_keys, export_adapter, find_adapter
 from offsite.owner.service import OwnerService
 from offsite.owner.store import Store, new_record
 
@@ -109,6 +109,8 @@ def test_cli_exports_a_lora_adapter_that_plain_transformers_loads_with_the_plug_
     assert {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json"} <= set(result["files"])
     assert sorted(p.name for p in out.iterdir()) == sorted([*result["files"], EXPORT_MANIFEST])
     assert not any(name.startswith("adapter_") for name in result["files"])  # merged, not a PEFT directory
+    config = json.loads((out / "config.json").read_text())
+    assert config["rope_theta"] == config["rope_parameters"]["rope_theta"]  # what transformers 4.x consumers read
     assert_export_matches_plug_in(stored, LORA, out)
 
     provenance = json.loads((out / EXPORT_MANIFEST).read_text())
@@ -180,3 +182,16 @@ def test_an_adapter_is_refused_for_another_base_model(stored: StoredAdapters, ti
         export_adapter(store, stored.ids[LORA], tmp_path / "merged", str(tiny_model_dir("mistral")))
     store.close()
     assert not (tmp_path / "merged").exists() and not (tmp_path / "merged.partial").exists()
+
+
+def test_legacy_rope_keys_carry_theta_and_scaling_and_leave_ropeless_configs_alone(tmp_path: Path) -> None:
+    scaled = {"rope_parameters": {"rope_theta": 500000.0, "rope_type": "llama3", "factor": 8.0}, "model_type": "llama"}
+    ropeless = {"model_type": "gpt2", "n_positions": 1024}
+    for name, config in (("scaled", scaled), ("ropeless", ropeless)):
+        (tmp_path / f"{name}.json").write_text(json.dumps(config))
+        add_legacy_rope_keys(tmp_path / f"{name}.json")
+    written = json.loads((tmp_path / "scaled.json").read_text())
+    assert written["rope_theta"] == 500000.0
+    assert written["rope_scaling"] == {"rope_type": "llama3", "type": "llama3", "factor": 8.0}
+    assert written["rope_parameters"] == scaled["rope_parameters"]  # transformers 5 reads these unchanged
+    assert json.loads((tmp_path / "ropeless.json").read_text()) == ropeless
