@@ -32,12 +32,45 @@ def read_token_file(path: Path) -> str:
     return token
 
 
+# What gRPC's connection failures mean for this client, and the flag that fixes each (first match wins)
+CONNECTION_HINTS: tuple[tuple[str, str], ...] = (
+    (
+        "WRONG_VERSION_NUMBER",
+        "the owner does not serve TLS on this port: drop --ca/--cert/--key (plain text is "
+        "allowed to a loopback owner; elsewhere ask its operator to enable TLS, or pass --insecure)",
+    ),
+    (
+        "CERTIFICATE_VERIFY_FAILED",
+        "the owner's certificate is not signed by a CA this client trusts: pass --ca "
+        "with the CA that signed it (`offsite-owner certs init` writes ca.pem)",
+    ),
+    (
+        "Socket closed",
+        "the owner closed the connection during the handshake: it serves TLS, so pass --ca; under "
+        "mutual TLS also --cert and --key (your client certificate)",
+    ),
+    ("Connection refused", "nothing listens at that address: is `offsite-owner serve` running there, on that port?"),
+    ("DNS resolution failed", "the server's host name does not resolve: check --server"),
+)
+
+
+def connection_hint(code: grpc.StatusCode, details: str) -> str | None:
+    """The fix for a failure to reach the owner, or None when the call reached it (its own message says why)."""
+    # a stream the owner drops mid-call is also UNAVAILABLE, but never "failed to connect"
+    if code != grpc.StatusCode.UNAVAILABLE or not ("failed to connect" in details or "DNS resolution" in details):
+        return None
+    return next((hint for marker, hint in CONNECTION_HINTS if marker in details), None)
+
+
 class RemoteError(RuntimeError):
-    """The owner refused or failed a call; the message carries its status and explanation."""
+    """The owner refused or failed a call; the message carries its status and explanation, and for a connection
+    that failed, what to change."""
 
     def __init__(self, error: grpc.RpcError):
         self.code = error.code()
-        super().__init__(f"{self.code.name}: {error.details()}")
+        details = error.details() or ""
+        self.hint = connection_hint(self.code, details)
+        super().__init__(f"{self.code.name}: {details}" + (f"\nhint: {self.hint}" if self.hint else ""))
 
 
 @dataclass(frozen=True)

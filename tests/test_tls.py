@@ -13,7 +13,7 @@ from conftest import TINY_LAYOUT
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from offsite.client.connection import ClientTls, Remote, RemoteError
+from offsite.client.connection import ClientTls, Remote, RemoteError, connection_hint
 from offsite.common.model_loading import load_model
 from offsite.owner.certificates import CertificateError, Issued, init_certificates, issue_client
 from offsite.owner.cli import main as owner_main
@@ -104,11 +104,26 @@ def test_tls_without_client_certificates_works_with_a_token_and_needs_the_ca(ser
             with pytest.raises(RemoteError) as untrusted:
                 remote.model_card()
             assert untrusted.value.code == grpc.StatusCode.UNAVAILABLE
+            assert "pass --ca" in str(untrusted.value) and "not signed by a CA" in str(untrusted.value)
         with Remote(address, token, timeout=20) as remote:  # plain text to a TLS port
-            with pytest.raises(RemoteError):
+            with pytest.raises(RemoteError) as plain:
                 remote.model_card()
+            assert "it serves TLS, so pass --ca" in str(plain.value)
     finally:
         server.stop(None)
+    plain_server, plain_address = _serve(owner, store, None)
+    try:
+        with Remote(plain_address, token, timeout=20, tls=ClientTls(issued.ca)) as remote:  # TLS to a plain port
+            with pytest.raises(RemoteError) as no_tls:
+                remote.model_card()
+            assert "does not serve TLS" in str(no_tls.value)
+    finally:
+        plain_server.stop(None)
+    with Remote(plain_address, token, timeout=20) as remote:  # the daemon is gone
+        with pytest.raises(RemoteError) as refused:
+            remote.model_card()
+        assert "nothing listens at that address" in str(refused.value)
+    assert connection_hint(grpc.StatusCode.UNAVAILABLE, "Socket closed") is None  # a dropped stream is no TLS hint
 
 
 def test_a_non_loopback_bind_without_tls_is_refused_with_the_reason(service, issued: Issued) -> None:
