@@ -48,10 +48,10 @@ def _prefix_digest(partial: Path, size: int) -> hashlib._Hash:
     return digest
 
 
-def _download(remote: Remote, artifact: str, name: str, target: Path, bar: tqdm, allowance: int) -> int:
+def _download(remote: Remote, artifact: str, name: str, target: Path, bar: tqdm, allowance: int) -> tuple[int, str]:
     """Appends to TARGET.part from its current size; retries transient failures from where it stopped. The owner's
     sizes are not trusted: a file may not change its size mid-pull nor exceed `allowance`, what is left of the
-    artifact's declared total. Returns the file's size."""
+    artifact's declared total. Returns the file's size and the sha256 of the bytes written."""
     partial = target.with_name(target.name + PARTIAL_SUFFIX)
     expected_sha, file_size = None, None
     for attempt in range(RETRIES + 1):
@@ -93,7 +93,7 @@ def _download(remote: Remote, artifact: str, name: str, target: Path, bar: tqdm,
         partial.unlink()
         raise BundleError(f"{target}: sha256 {received} does not match the owner's {expected_sha}")
     partial.replace(target)
-    return offset
+    return offset, received
 
 
 def _check_disk_room(directory: Path, total: int) -> None:
@@ -125,16 +125,18 @@ def _pull_files(
     with output_dir.staged(out, kind, resume=True) as work:
         work.mkdir(exist_ok=True)
         _check_disk_room(work, total)
-        allowance = total
+        allowance, hashed = total, {}
         with tqdm(total=total, unit="B", unit_scale=True, desc=f"pull {artifact}", disable=not show_progress) as bar:
             for name in files:
                 target = work / name
                 partial = target.with_name(name + PARTIAL_SUFFIX)
                 if target.exists() and not partial.exists():
                     target.unlink()  # complete in an interrupted pull: fetch afresh rather than trust it
-                allowance -= _download(remote, artifact, name, target, bar, allowance)
+                size, hashed[name] = _download(remote, artifact, name, target, bar, allowance)
+                allowance -= size
         try:
-            return verify_bundle(work, owner_key or card.owner_public_key)
+            # the digests taken while receiving stand for the files: no second pass over the bundle on disk
+            return verify_bundle(work, owner_key or card.owner_public_key, hashed=hashed)
         except BundleError:
             output_dir.abandon(out)  # nothing of a bundle that does not verify is worth resuming
             raise

@@ -69,24 +69,31 @@ def verify_signature(manifest: dict[str, Any], owner_key: str | None, where: Pat
         raise BundleError(f"{where / MANIFEST_NAME}: the signature does not verify; the manifest was altered")
 
 
-def verify_files(directory: Path, manifest: dict[str, Any]) -> None:
-    """Every listed file exists with its size and hash, and nothing unlisted sits beside them."""
+def verify_files(directory: Path, manifest: dict[str, Any], hashed: dict[str, str] | None = None) -> None:
+    """Every listed file exists with its size and hash, and nothing unlisted sits beside them.
+
+    `hashed` holds sha256 digests this process computed over a file's bytes as it wrote them (a pull hashes as it
+    receives); those files are not read back, which would cost a second pass over the whole bundle."""
     listed = manifest["files"]
+    hashed = hashed or {}
     for name, entry in listed.items():
         path = directory / name
         if Path(name).name != name or not path.is_file():
             raise BundleError(f"{path}: listed in the manifest but missing")
-        if path.stat().st_size != entry.get("size") or sha256_file(path) != entry.get("sha256"):
+        digest = hashed[name] if name in hashed else sha256_file(path)
+        if path.stat().st_size != entry.get("size") or digest != entry.get("sha256"):
             raise BundleError(f"{path}: sha256 does not match the manifest; the file was altered or truncated")
     for path in directory.iterdir():
         if path.is_file() and path.name != MANIFEST_NAME and path.name not in listed:
             raise BundleError(f"{path}: not listed in the manifest")
 
 
-def verify_bundle(directory: Path, owner_key: str | None = None, signed: bool = True) -> dict[str, Any]:
-    """Checks a bundle before anything loads it; returns its manifest."""
+def verify_bundle(
+    directory: Path, owner_key: str | None = None, signed: bool = True, hashed: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """Checks a bundle before anything loads it; returns its manifest. `hashed`: see `verify_files`."""
     manifest = read_manifest(directory)
     if signed:
         verify_signature(manifest, owner_key, directory)
-    verify_files(directory, manifest)
+    verify_files(directory, manifest, hashed)
     return manifest

@@ -3,6 +3,7 @@ other key and says why, before any token id leaves. A pull never trusts the owne
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -182,3 +183,33 @@ def test_a_pull_the_disk_cannot_hold_is_refused_before_a_byte_arrives(
     with owner.remote() as remote, pytest.raises(BundleError, match="free some space"):
         pull_emulator(remote, tmp_path / "emulator", show_progress=False)
     assert not pulled and not (tmp_path / "emulator").exists()
+
+
+def test_a_pull_verifies_with_the_digests_it_took_while_receiving_and_still_checks_the_signed_manifest(
+    owner: InProcessOwner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from offsite.common import manifest as manifest_module
+
+    read_back: list[str] = []
+    real_sha256_file = manifest_module.sha256_file
+    monkeypatch.setattr(
+        manifest_module, "sha256_file", lambda path: read_back.append(path.name) or real_sha256_file(path)
+    )
+    with owner.remote() as remote:
+        pull_emulator(remote, tmp_path / "emulator", show_progress=False)
+    assert read_back == [], "every file was hashed as it arrived, none read back"
+
+    real_pull = Remote.pull
+
+    def other_weights(self: Remote, artifact: str, name: str, offset: int):
+        """Bytes that agree with the chunks' own sha256, but not with the signed manifest."""
+        for chunk in real_pull(self, artifact, name, offset):
+            if name == "model.safetensors":
+                chunk.data = bytes(len(chunk.data))
+                chunk.file_sha256 = hashlib.sha256(bytes(chunk.file_size)).hexdigest()
+            yield chunk
+
+    monkeypatch.setattr(Remote, "pull", other_weights)
+    with owner.remote() as remote, pytest.raises(BundleError, match="model.safetensors: sha256 does not match"):
+        pull_emulator(remote, tmp_path / "swapped", show_progress=False)
+    assert not (tmp_path / "swapped").exists()
