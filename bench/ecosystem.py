@@ -37,6 +37,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from offsite.client.demo import start_daemon
 from offsite.common.contract import DEFAULT_MODEL
 from offsite.common.model_loading import load_model
 from offsite.owner.adapters.plugin import plug
@@ -115,16 +116,6 @@ def reflect(address: str) -> dict[str, Any]:
     return {"services": services, "health": health_pb2.HealthCheckResponse.ServingStatus.Name(health.status)}
 
 
-def start_daemon(config: Path, env: dict[str, str], log: Path) -> tuple[subprocess.Popen, dict[str, Any]]:
-    argv = [sys.executable, "-m", "offsite.owner", "serve", "--config", str(config), "--json"]
-    process = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=log.open("w"), text=True)
-    assert process.stdout is not None
-    for line in process.stdout:
-        if line.startswith("{"):
-            return process, json.loads(line)
-    raise SystemExit(f"the daemon exited before it was ready; see {log}")
-
-
 def stop_daemon(process: subprocess.Popen) -> int:
     process.send_signal(signal.SIGTERM)
     return process.wait(timeout=120)
@@ -175,7 +166,7 @@ def run(work: Path) -> dict[str, Any]:
     command([*owner, "config", "check", str(config)], env, transcript)
     command([*owner, "config", "show", "--config", str(config)], env, transcript)
 
-    daemon, ready = start_daemon(config, env, work / "owner.log")
+    daemon, ready = start_daemon(["--config", str(config)], work / "owner.log", env)
     try:
         address = ready["address"]
         url = f"http://127.0.0.1:{metrics_port}/metrics"

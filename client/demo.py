@@ -41,33 +41,25 @@ def run_json(command: list[str], env: dict[str, str]) -> dict[str, Any]:
     return result
 
 
-def start_owner(model: str, store: Path, emulator: str, log: Path, env: dict[str, str]) -> tuple[subprocess.Popen, str]:
-    command = [
-        sys.executable,
-        "-m",
-        "offsite.owner",
-        "serve",
-        "--model",
-        model,
-        "--store",
-        str(store),
-        "--listen",
-        "127.0.0.1:0",
-        "--emulator",
-        emulator,
-        "--json",
-    ]
+def start_daemon(serve_args: list[str], log: Path, env: dict[str, str]) -> tuple[subprocess.Popen, dict[str, Any]]:
+    """`offsite-owner serve SERVE_ARGS --json` in its own process, its log in `log`; returns it and its ready line."""
+    command = [sys.executable, "-m", "offsite.owner", "serve", *serve_args, "--json"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log.open("w"), text=True, env=env)
     deadline = time.monotonic() + READY_TIMEOUT_SECONDS
     assert process.stdout is not None
     for line in process.stdout:
         if line.startswith("{"):
-            ready = json.loads(line)
-            return process, ready["address"]
+            return process, json.loads(line)
         if time.monotonic() > deadline:
             break
     process.kill()
     raise RuntimeError(f"the owner daemon did not start; see {log}:\n{log.read_text()[-2000:]}")
+
+
+def start_owner(model: str, store: Path, emulator: str, log: Path, env: dict[str, str]) -> tuple[subprocess.Popen, str]:
+    serve_args = ["--model", model, "--store", str(store), "--listen", "127.0.0.1:0", "--emulator", emulator]
+    process, ready = start_daemon(serve_args, log, env)
+    return process, ready["address"]
 
 
 def _fmt(value: float | None, pattern: str) -> str:
