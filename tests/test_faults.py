@@ -189,7 +189,8 @@ def test_sigterm_refuses_new_calls_drains_the_one_in_flight_and_exits(tiny_model
             # the signal is handled on the daemon's main thread, which a loaded machine may schedule late: poll
             refused = _first_refusal(address, token, seconds=20)
             assert refused is not None, "the daemon kept accepting new calls 20 s after SIGTERM"
-            assert refused.code == grpc.StatusCode.UNAVAILABLE
+            # UNAVAILABLE once the listener is closed; CANCELLED for a call the core accepted at that very instant
+            assert refused.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED), refused
             rest = list(stream)  # the call in flight runs to its end
         assert first.text is not None and rest and rest[-1].done
         assert process.wait(30) == 0
