@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import psutil
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -40,10 +41,12 @@ from offsite.client.pull import pull_emulator
 from offsite.client.push import push_adapter
 from offsite.client.training import train_adapter
 from offsite.client.training.config import TrainConfig
-from offsite.common.contract import DEFAULT_MODEL
+from offsite.common.contract import DEFAULT_MODEL, MAX_MESSAGE_BYTES
 from offsite.common.examples import read_jsonl
 from offsite.common.manifest import BundleError
 from offsite.common.rpc import pb
+from offsite.owner.limits import MAX_STREAMS_TOTAL
+from offsite.owner.service import PLUGGED_CACHE_SIZE
 from offsite.owner.store import Store
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -60,6 +63,37 @@ HEALTH_PROBE_SECONDS = 0.1
 SMALL_RPCS = (HEALTH, "GetModelCard", "PushAdapter", "ListAdapters", "DeleteAdapter")
 MODEL_RPCS = ("Evaluate", "Represent", "Generate")
 MUTATING_RPCS = ("PushAdapter", "DeleteAdapter")  # what changes the store: each must leave one audit line
+RSS_SAMPLE_SECONDS = 0.2
+# Models the daemon may hold at once: the loaded one, the plugged cache, one being plugged, one evicted while in use.
+MODEL_COPIES_BOUND = 1 + PLUGGED_CACHE_SIZE + 2
+STREAM_BUFFERS_BOUND = MAX_STREAMS_TOTAL * 2 * MAX_MESSAGE_BYTES  # a message in and one out per stream
+
+
+class RssSampler:
+    """The daemon's resident memory, sampled on a thread: at ready (the first sample) and its peak."""
+
+    def __init__(self, pid: int) -> None:
+        self._process = psutil.Process(pid)
+        self.at_ready = self._process.memory_info().rss
+        self.peak = self.at_ready
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(RSS_SAMPLE_SECONDS):
+            try:
+                self.peak = max(self.peak, self._process.memory_info().rss)
+            except psutil.Error:  # the daemon has exited
+                return
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def bound(self) -> int:
+        """What the daemon should stay under: its start-up footprint once per model copy, plus the stream buffers."""
+        return MODEL_COPIES_BOUND * self.at_ready + STREAM_BUFFERS_BOUND
 
 
 class Stats:
@@ -153,6 +187,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     audit_before = audit.read_text().count("\n") if audit.exists() else 0  # a reused store has older lines
     env = dict(os.environ, OFFSITE_HOME=str(work / "client-config"))
     owner, address = start_owner(args.model, store_dir, args.emulator, work / "owner.log", env)
+    rss = RssSampler(owner.pid)
     try:
         with Remote(address, tokens[0]) as remote:
             pulled = pull_emulator(remote, work / "emulator", show_progress=False)
@@ -180,6 +215,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             thread.join()
         wall = time.perf_counter() - started
     finally:
+        rss.stop()
         owner.terminate()
         owner.wait(60)
     audited = audit_by_method(audit, audit_before)
@@ -206,6 +242,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "model_rpc_p99_ms": model["p99_ms"],
         "model_rpc_calls": model["calls"],
         "eval_examples_per_call": len(examples),
+        "daemon_rss_at_ready_mib": round(rss.at_ready / 2**20, 1),
+        "daemon_rss_peak_mib": round(rss.peak / 2**20, 1),
+        "daemon_rss_bound_mib": round(rss.bound() / 2**20, 1),
+        "daemon_rss_within_bound": rss.peak <= rss.bound(),
         "device": f"CPU ({platform.machine()}), {os.cpu_count()} cores, torch threads {torch.get_num_threads()}",
         "rpcs": rows,
     }
@@ -225,6 +265,12 @@ def markdown(result: dict[str, Any]) -> str:
         f"Small calls ({', '.join(SMALL_RPCS)}): p50 {result['small_rpc_p50_ms']} ms, p99 "
         f"{result['small_rpc_p99_ms']} ms. Model calls ({', '.join(MODEL_RPCS)}): p50 {result['model_rpc_p50_ms']} "
         f"ms, p99 {result['model_rpc_p99_ms']} ms, {result['model_rpc_calls']} calls.",
+        "",
+        f"Daemon memory: RSS {result['daemon_rss_at_ready_mib']} MiB at ready, peak "
+        f"{result['daemon_rss_peak_mib']} MiB; stated bound {result['daemon_rss_bound_mib']} MiB "
+        f"({MODEL_COPIES_BOUND} × the RSS at ready, one per model copy it may hold, plus "
+        f"{STREAM_BUFFERS_BOUND // 2**20} MiB of stream buffers): "
+        f"{'within it' if result['daemon_rss_within_bound'] else 'OVER it'}.",
         "",
         "| RPC | calls | p50 ms | p99 ms | max ms |",
         "|---|---:|---:|---:|---:|",

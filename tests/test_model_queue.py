@@ -324,3 +324,7 @@ def test_the_load_benchmark_smoke_run_reports_both_kinds_of_call_and_a_complete_
     assert result["small_rpc_p99_ms"] > 0 and result["model_rpc_p99_ms"] > 0
     assert {"Health", "Generate", "Evaluate", "Represent"} <= set(result["rpcs"])
     assert result["audit_one_line_per_mutating_request"], result["audit_mutating"]
+    # the daemon's memory was sampled while the clients ran, and its bound is stated (met or not: the bench's verdict)
+    assert 0 < result["daemon_rss_at_ready_mib"] <= result["daemon_rss_peak_mib"]
+    assert result["daemon_rss_bound_mib"] > result["daemon_rss_at_ready_mib"]
+    assert isinstance(result["daemon_rss_within_bound"], bool)
