@@ -60,6 +60,7 @@ def _download(remote: Remote, artifact: str, name: str, target: Path, bar: tqdm,
         try:
             with partial.open("ab") as handle:
                 for chunk in remote.pull(artifact, name, offset):
+                    data = chunk.data  # each read of a bytes field copies it: read it once
                     if chunk.offset != offset:
                         raise BundleError(f"{name}: the owner sent offset {chunk.offset}, expected {offset}")
                     if file_size is not None and chunk.file_size != file_size:
@@ -70,12 +71,12 @@ def _download(remote: Remote, artifact: str, name: str, target: Path, bar: tqdm,
                             f"{name}: the owner sends {file_size} bytes, more than the {allowance} left of the "
                             "artifact's declared size"
                         )
-                    if offset + len(chunk.data) > file_size:
+                    if offset + len(data) > file_size:
                         raise BundleError(f"{name}: received more than its {file_size} bytes")
-                    handle.write(chunk.data)
-                    digest.update(chunk.data)
-                    offset += len(chunk.data)
-                    bar.update(len(chunk.data))
+                    handle.write(data)
+                    digest.update(data)
+                    offset += len(data)
+                    bar.update(len(data))
                     expected_sha = chunk.file_sha256
             break
         except grpc.RpcError as error:
