@@ -167,17 +167,42 @@ def transport_table() -> str:
 
 def load_table() -> str:
     report = _load("load.json")
+    memory = (
+        f"{report['daemon_rss_at_ready_mib']} / {report['daemon_rss_peak_mib']} (bound "
+        f"{report['daemon_rss_bound_mib']}: {'within' if report['daemon_rss_within_bound'] else 'OVER'})"
+        if "daemon_rss_peak_mib" in report
+        else "not measured"
+    )
     return "\n".join(
         [
-            "| clients | seconds | loops | errors | small-call p50 / p99 ms | model-call p50 / p99 ms | audit |",
-            "|---:|---:|---:|---:|---:|---:|---|",
+            "| clients | seconds | loops | errors | small-call p50 / p99 ms | model-call p50 / p99 ms | audit "
+            "| daemon RSS at ready / peak MiB |",
+            "|---:|---:|---:|---:|---:|---:|---|---|",
             f"| {report['clients']} | {report['seconds']} | {report['loops']} | {report['errors']} | "
             f"{report['small_rpc_p50_ms']} / {report['small_rpc_p99_ms']} | {report['model_rpc_p50_ms']} / "
             f"{report['model_rpc_p99_ms']} | "
             + ("one line per mutating request" if report["audit_one_line_per_mutating_request"] else "MISMATCH")
-            + " |",
+            + f" | {memory} |",
         ]
     )
+
+
+def efficiency_table() -> str:
+    report = _load("efficiency.json")
+
+    def versus(run: dict[str, Any], key: str) -> str:
+        return f"{run['vs_full_ft'][key]:.2f}×" if "vs_full_ft" in run else "—"
+
+    lines = [
+        "| row | tokens/s | speed-up over full FT | s | peak RSS MiB | less memory than full FT |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for run in report["runs"]:
+        lines.append(
+            f"| `{run['row']}` | {run['tokens_per_s']:,.0f} | {versus(run, 'tokens_per_s')} | {run['seconds']:.1f} "
+            f"| {run['peak_mib']:,.0f} | {versus(run, 'peak_mib')} |"
+        )
+    return "\n".join(lines)
 
 
 ROWS = ("zero_shot", "emulator_zero_shot", "emulator_adapter", "plug_in", "ceiling")
@@ -190,6 +215,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "pema": pema_table,
     "transport": transport_table,
     "load": load_table,
+    "efficiency": efficiency_table,
 }
 
 
