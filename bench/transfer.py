@@ -604,8 +604,8 @@ def targets(
 def _cell(est: dict[str, float] | None, points: bool = True) -> str:
     if est is None:
         return "—"
-    scale, unit = (100, "") if points else (1, "")
-    return f"{est['mean'] * scale:.1f} [{est['ci_low'] * scale:.1f}, {est['ci_high'] * scale:.1f}]{unit}"
+    scale, digits = (100, 1) if points else (1, 2)  # points to a tenth; a ratio to a hundredth
+    return f"{est['mean'] * scale:.{digits}f} [{est['ci_low'] * scale:.{digits}f}, {est['ci_high'] * scale:.{digits}f}]"
 
 
 def markdown(report: dict[str, Any], meta: dict[str, Any]) -> str:
