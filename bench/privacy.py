@@ -65,7 +65,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cells import Cells  # noqa: E402
 from results_files import write_results  # noqa: E402
 from threads import one_thread_if  # noqa: E402
-from transfer import RECIPE_FILE, Recipe, TransferBench, load_recipe  # noqa: E402
+from transfer import RECIPE_FILE, Recipe, TransferBench, build_recipe, load_recipe  # noqa: E402
 from transfer_tasks import SHARED, TASKS, Item, TaskData  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -277,7 +277,8 @@ class PrivacyBench:
             facts["format"] = self.transfer.prompt_format(data)
         if with_emulator:
             _, manifest = self.transfer.emulator(self.args.emulator)
-            facts.update(emulator_id=manifest["id"], emulator_params=manifest["params"])
+            # keyed by the build's recipe, not its outcome: a CPU rebuild is not bit-identical (as in transfer.py)
+            facts.update(emulator_id=manifest["id"], emulator_params=build_recipe(manifest["params"]))
         return facts
 
     def score(self, model: torch.nn.Module, items: list[Item], fmt: str) -> list[ExampleScore]:
