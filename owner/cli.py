@@ -37,7 +37,7 @@ from .emulator.distill import DEFAULT_TOKENS, DistillConfig
 from .emulator.layout import LayoutError
 from .emulator.placement import PLACEMENTS
 from .export import export_adapter
-from .limits import TenantLimits
+from .limits import ServerLimits, TenantLimits
 from .metrics import MetricsEndpoint, OwnerMetrics, serve_metrics
 from .model_queue import ModelQueue
 from .server import BindRefused, ServerTls, shutdown, start_server
@@ -193,6 +193,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
             args.listen,
             insecure=args.insecure,
             tls=tls,
+            limits=ServerLimits(args.max_streams_total + args.unary_reserve, args.max_streams_total),
             observers=observers,
             audit_rotation=Rotation(args.audit_max_mib * MiB, args.audit_keep),
         )

@@ -33,7 +33,7 @@ from ..common.contract import (
     MiB,
 )
 from .audit_chain import DEFAULT_KEEP, DEFAULT_MAX_MIB
-from .limits import MODEL_QUEUE_PER_TENANT, MODEL_QUEUE_TOTAL, MODEL_WORKERS
+from .limits import MAX_STREAMS_TOTAL, MODEL_QUEUE_PER_TENANT, MODEL_QUEUE_TOTAL, MODEL_WORKERS, UNARY_RESERVE
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -185,6 +185,20 @@ SERVE_OPTIONS: tuple[Option, ...] = (
     Option("max_adapters", int, MAX_ADAPTERS_PER_TENANT, "adapters per tenant"),
     Option("max_tenant_mib", int, MAX_TENANT_BYTES // MiB, "adapter MiB a tenant may store"),
     Option("max_streams", int, MAX_STREAMS_PER_TENANT, "concurrent streaming calls per tenant"),
+    Option(
+        "max_streams_total",
+        int,
+        MAX_STREAMS_TOTAL,
+        "concurrent streaming calls, all tenants together (each holds a worker thread)",
+        check=_check_at_least_one,
+    ),
+    Option(
+        "unary_reserve",
+        int,
+        UNARY_RESERVE,
+        "worker threads streams can never take, kept for health checks and small calls",
+        check=_check_at_least_one,
+    ),
     Option(
         "shutdown_notice_seconds",
         float,

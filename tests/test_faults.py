@@ -198,3 +198,33 @@ def test_sigterm_refuses_new_calls_drains_the_one_in_flight_and_exits(tiny_model
         if process.poll() is None:
             process.kill()
             process.wait(30)
+
+
+def test_the_server_wide_stream_cap_is_a_serve_option(tiny_model_dir, tmp_path: Path) -> None:
+    store = Store(tmp_path / "store")
+    alice, bob = store.add_tenant("alice"), store.add_tenant("bob")
+    store.close()
+    process, address = _start_daemon(
+        tiny_model_dir("llama"), tmp_path / "store", "--max-streams-total", "1", "--unary-reserve", "1"
+    )
+    release = threading.Event()
+
+    def held() -> Iterator[pb.RepresentRequest]:  # one request, then an idle stream that keeps its slot
+        yield pb.RepresentRequest(token_ids=[5, 6, 7])
+        release.wait(60)
+
+    try:
+        with Remote(address, alice, timeout=30) as first, Remote(address, bob, timeout=30) as second:
+            call = first.stub.Represent(held(), metadata=first.metadata, timeout=30)
+            next(call)
+            with pytest.raises(grpc.RpcError) as refused:
+                list(second.stub.Represent(iter([pb.RepresentRequest(token_ids=[5])]), metadata=second.metadata))
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "serving 1 streaming calls" in refused.value.details()
+            assert second.model_card().model_name  # the reserved thread still answers small calls
+            release.set()
+            call.cancel()
+    finally:
+        release.set()
+        process.kill()
+        process.wait(30)
