@@ -79,6 +79,8 @@ MEMBERS = 256  # a few hundred rows: few enough that several epochs memorise the
 EPOCHS = 8.0  # the same budget for every setting, DP or not
 DEV_ROWS = 500  # the first rows of SST-2 dev, as the transfer bench scores
 EPSILONS = "none,8,3,1"
+# the target at the default setting, by whether its AUC's CI stays under AUC_TARGET
+DEFAULT_VERDICT = {True: "met, the whole CI under it.", False: "not met.", None: "not measured."}
 AUC_TARGET = 0.55  # issue 16: the membership-inference AUC a DP adapter should stay under
 
 # WikiText-2 test: public text the owner's builders never read; the report card scores WikiText-2 valid's tail
@@ -585,7 +587,8 @@ def markdown(report: dict[str, Any]) -> str:
         lines += [
             "",
             f"Target (issue 16): MIA AUC ≤ {AUC_TARGET}. Met on the mean at ε = {listed(target['met_mean'])}; "
-            f"with the whole CI under it at ε = {listed(target['met_ci'])}.",
+            f"with the whole CI under it at ε = {listed(target['met_ci'])}. At the default setting (no DP): "
+            + DEFAULT_VERDICT[target.get("default_met")],
         ]
     attack = report["extraction_setup"]
     lines += [
@@ -747,6 +750,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "auc": AUC_TARGET,
             "met_mean": [r["epsilon"] for r in private if r["mia_auc"] <= AUC_TARGET],
             "met_ci": [r["epsilon"] for r in private if r["mia_auc_ci"][1] <= AUC_TARGET],
+            # `offsite train` has no default ε: the default setting is the run without DP
+            "default_met": next((r["mia_auc_ci"][1] <= AUC_TARGET for r in dp if r["epsilon"] is None), None),
         }
         if private
         else None,
