@@ -170,8 +170,6 @@ def load_table() -> str:
     memory = (
         f"{report['daemon_rss_at_ready_mib']} / {report['daemon_rss_peak_mib']} (bound "
         f"{report['daemon_rss_bound_mib']}: {'within' if report['daemon_rss_within_bound'] else 'OVER'})"
-        if "daemon_rss_peak_mib" in report
-        else "not measured"
     )
     return "\n".join(
         [
