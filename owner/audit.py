@@ -128,6 +128,30 @@ class AuditLog(CallObserver):
             log.error("audit log %s: could not record %s for %s: %s", self.path, call.method, call.tenant, error)
 
 
+def streaming(handler: grpc.RpcMethodHandler) -> tuple[bool, bool]:
+    """(request_streaming, response_streaming) of a handler."""
+    return bool(handler.request_streaming), bool(handler.response_streaming)
+
+
+def rewrap_handler(
+    handler: grpc.RpcMethodHandler, wrap: Callable[[Callable[..., Any]], Callable[..., Any]]
+) -> grpc.RpcMethodHandler:
+    """The same kind of handler, its behaviour replaced by `wrap(behaviour)`: how an interceptor wraps any RPC."""
+    if handler.request_streaming and handler.response_streaming:
+        behavior, factory = handler.stream_stream, grpc.stream_stream_rpc_method_handler
+    elif handler.request_streaming:
+        behavior, factory = handler.stream_unary, grpc.stream_unary_rpc_method_handler
+    elif handler.response_streaming:
+        behavior, factory = handler.unary_stream, grpc.unary_stream_rpc_method_handler
+    else:
+        behavior, factory = handler.unary_unary, grpc.unary_unary_rpc_method_handler
+    return factory(
+        wrap(behavior),
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+
+
 def _status(context: grpc.ServicerContext, failed: bool) -> grpc.StatusCode:
     code = context.code()
     if isinstance(code, grpc.StatusCode):
@@ -148,20 +172,7 @@ class AuditInterceptor(grpc.ServerInterceptor):
         handler = continuation(details)
         if handler is None:
             return None
-        if handler.request_streaming and handler.response_streaming:
-            behavior, factory = handler.stream_stream, grpc.stream_stream_rpc_method_handler
-        elif handler.request_streaming:
-            behavior, factory = handler.stream_unary, grpc.stream_unary_rpc_method_handler
-        elif handler.response_streaming:
-            behavior, factory = handler.unary_stream, grpc.unary_stream_rpc_method_handler
-        else:
-            behavior, factory = handler.unary_unary, grpc.unary_unary_rpc_method_handler
-        audited = self._wrap(details.method, behavior, handler.request_streaming, handler.response_streaming)
-        return factory(
-            audited,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        return rewrap_handler(handler, lambda behavior: self._wrap(details.method, behavior, *streaming(handler)))
 
     def _notify(self, hook: str, *arguments: Any) -> None:
         for observer in self.observers:

@@ -45,6 +45,7 @@ from .service import OwnerService, RepresentPolicy
 from .store import REGISTRY_FILE, STORE_UMASK, Store
 
 SHUTDOWN_GRACE_SECONDS = 10.0
+SIGNAL_POLL_SECONDS = 0.2
 SECRET_MODE = KEY_MODE  # a token file is as secret as a key
 
 log = logging.getLogger("offsite.owner")
@@ -224,7 +225,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
-    stop.wait()
+    # a timed wait: the kernel may hand SIGTERM to a busy worker thread, and Python runs the handler only when the
+    # main thread next executes bytecode; an untimed wait could then sleep through the signal for good
+    while not stop.wait(SIGNAL_POLL_SECONDS):
+        pass
     log.info("shutting down: health NOT_SERVING, then draining in-flight calls")
     shutdown(server, args.shutdown_notice_seconds, SHUTDOWN_GRACE_SECONDS)
     if endpoint:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 import weakref
 from collections.abc import Sequence
@@ -18,10 +19,13 @@ from ..common.contract import MAX_MESSAGE_BYTES
 from ..common.rpc import pb, pb_grpc
 from .audit import AuditInterceptor, AuditLog, CallObserver
 from .audit_chain import AUDIT_FILE, Rotation
+from .drain import Drain
 from .limits import ServerLimits
 from .service import OwnerService
 from .servicer import OwnerServicer
 from .store import Store
+
+log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ModelOwner"].full_name
 
@@ -65,9 +69,11 @@ def start_server(
             f"refusing to listen on {listen} without TLS: anyone on that network could read the traffic. "
             "Bind a loopback address, or pass --insecure to accept the risk."
         )
+    drain = Drain()
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=limits.workers),
-        interceptors=[AuditInterceptor(AuditLog(store.root / AUDIT_FILE, audit_rotation), observers)],
+        # audit first, so that a call the drain refuses is still in the audit log
+        interceptors=[AuditInterceptor(AuditLog(store.root / AUDIT_FILE, audit_rotation), observers), drain],
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -79,7 +85,7 @@ def start_server(
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    _HEALTH[server] = health_servicer
+    _STOPPING[server] = (health_servicer, drain)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     port = server.add_secure_port(listen, tls.credentials()) if tls else server.add_insecure_port(listen)
     if port == 0:
@@ -88,15 +94,24 @@ def start_server(
     return server, port
 
 
-# Each server's health service, so that `shutdown` can turn it to NOT_SERVING first.
-_HEALTH: weakref.WeakKeyDictionary[grpc.Server, health.HealthServicer] = weakref.WeakKeyDictionary()
+# Each server's health service and drain, so that `shutdown` can turn health NOT_SERVING and drain the calls.
+_STOPPING: weakref.WeakKeyDictionary[grpc.Server, tuple[health.HealthServicer, Drain]] = weakref.WeakKeyDictionary()
+
+# After the drain, what gRPC gets to send the last calls' statuses before it cancels what is left.
+STATUS_FLUSH_SECONDS = 1.0
 
 
 def shutdown(server: grpc.Server, notice_seconds: float, grace_seconds: float) -> None:
     """Health turns NOT_SERVING at once, so that a load balancer stops sending calls; new calls are still served
-    for `notice_seconds` (the balancer's polling interval), then refused while those in flight get `grace_seconds`."""
-    if server in _HEALTH:
-        _HEALTH[server].enter_graceful_shutdown()
+    for `notice_seconds` (the balancer's polling interval), then refused with UNAVAILABLE while those in flight get
+    `grace_seconds` to finish; then the server stops."""
+    health_servicer, drain = _STOPPING.get(server, (None, None))
+    if health_servicer is not None:
+        health_servicer.enter_graceful_shutdown()
     if notice_seconds > 0:
         time.sleep(notice_seconds)
-    server.stop(grace_seconds).wait()
+    if drain is not None:
+        drain.begin()
+        if not drain.wait_idle(grace_seconds):
+            log.warning("%d call(s) still in flight after %.0f s: cancelling them", drain.in_flight, grace_seconds)
+    server.stop(STATUS_FLUSH_SECONDS).wait()
