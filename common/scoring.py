@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from peft import PeftModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from .chunked_loss import chunked_rows
 from .examples import IGNORE, Example, TokenizedExample, encode, keep_end, leading_special_count
 from .memory import PeakRss
 from .model_loading import ensure_pad_token, input_device
@@ -29,6 +30,21 @@ def causal_model(model: PreTrainedModel | PeftModel) -> PreTrainedModel:
     return model.get_base_model() if isinstance(model, PeftModel) else model
 
 
+def _hidden_at(
+    model: PreTrainedModel | PeftModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+) -> tuple[torch.Tensor, torch.nn.Module]:
+    """The final hidden states at positions (rows[k], cols[k]) of a right-padded batch, [K, hidden], and the head."""
+    causal = causal_model(model)
+    device = input_device(causal)
+    inputs = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
+    hidden = causal.base_model(**inputs, use_cache=False)[0]
+    return hidden[rows.to(hidden.device), cols.to(hidden.device)], causal.get_output_embeddings()
+
+
 def logits_at(
     model: PreTrainedModel | PeftModel,
     input_ids: torch.Tensor,
@@ -37,12 +53,23 @@ def logits_at(
     cols: torch.Tensor,
 ) -> torch.Tensor:
     """Logits at positions (rows[k], cols[k]) of a right-padded batch, shape [K, vocab]."""
-    causal = causal_model(model)
-    device = input_device(causal)
-    inputs = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
-    hidden = causal.base_model(**inputs, use_cache=False)[0]
-    head = causal.get_output_embeddings()
-    return head(hidden[rows.to(hidden.device), cols.to(hidden.device)]).float()
+    hidden, head = _hidden_at(model, input_ids, attention_mask, rows, cols)
+    return head(hidden).float()
+
+
+def completion_token_nll(
+    model: PreTrainedModel | PeftModel, batch: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The NLL of each labelled token, [K], and the batch row each one belongs to; the head's logits are taken a
+    chunk of tokens at a time (common/chunked_loss.py)."""
+    targets = batch["labels"][:, 1:]
+    rows, cols = (targets != IGNORE).nonzero(as_tuple=True)
+    hidden, head = _hidden_at(model, batch["input_ids"], batch["attention_mask"], rows, cols)
+
+    def nll(states: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(head(states).float(), labels, reduction="none")
+
+    return chunked_rows(nll, hidden, targets[rows, cols].to(hidden.device)), rows
 
 
 def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int, fill: int | None = None) -> torch.Tensor:
@@ -60,10 +87,8 @@ def collate(batch: Sequence[TokenizedExample], pad_id: int) -> dict[str, torch.T
 
 def completion_nll(model: PreTrainedModel | PeftModel, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """Summed negative log-likelihood of the labelled tokens, and how many there were."""
-    targets = batch["labels"][:, 1:]
-    rows, cols = (targets != IGNORE).nonzero(as_tuple=True)
-    logits = logits_at(model, batch["input_ids"], batch["attention_mask"], rows, cols)
-    return F.cross_entropy(logits, targets[rows, cols].to(logits.device), reduction="sum"), int(rows.numel())
+    nll, rows = completion_token_nll(model, batch)
+    return nll.sum(), int(rows.numel())
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
@@ -30,7 +29,7 @@ from transformers import get_cosine_schedule_with_warmup
 from ...common import processes
 from ...common.adapter_format import LORA
 from ...common.examples import TokenizedExample
-from ...common.scoring import IGNORE, collate, logits_at
+from ...common.scoring import collate, completion_token_nll
 from . import distributed
 from .config import TrainConfig
 
@@ -48,10 +47,7 @@ class LoopStats:
 
 def per_example_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Each example's mean completion NLL, shape [batch]: DP clips per example, so the loss must split by example."""
-    targets = batch["labels"][:, 1:]
-    rows, cols = (targets != IGNORE).nonzero(as_tuple=True)
-    logits = logits_at(model, batch["input_ids"], batch["attention_mask"], rows, cols)
-    nll = F.cross_entropy(logits, targets[rows, cols], reduction="none")
+    nll, rows = completion_token_nll(model, batch)
     size = batch["input_ids"].shape[0]
     counts = torch.bincount(rows, minlength=size).clamp(min=1)
     return torch.zeros(size, dtype=nll.dtype).index_add(0, rows, nll) / counts

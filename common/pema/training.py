@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from ..chunked_loss import chunked_mean
 from .adapter import PemaAdapter
 from .config import PemaConfig
 from .head import Head
@@ -123,7 +124,7 @@ def _run_phase(
             total = 0.0
             for first in range(0, len(shuffled), config.batch_size):
                 keys, values = memory.batch(shuffled[first : first + config.batch_size])
-                loss = loss_of(keys, values)
+                loss = chunked_mean(loss_of, keys, values)  # a chunk of rows' logits at a time
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -154,7 +155,7 @@ def evaluate_loss(
     total = 0.0
     for first in range(0, len(rows), batch_size):
         keys, values = memory.batch(rows[first : first + batch_size])
-        total += float(loss_of(keys, values)) * len(keys)
+        total += float(chunked_mean(loss_of, keys, values)) * len(keys)
     return total / len(rows)
 
 
