@@ -44,6 +44,23 @@ def test_smoke_measures_every_row_and_derives_ratios_and_targets(tmp_path: Path)
     assert runs["full_ft"]["trainable_parameters"] > runs["lora_full"]["trainable_parameters"]
     assert runs["emulator_lora"]["trainable_parameters"] > runs["emulator_top_only"]["trainable_parameters"]
 
+    # the work model: 3 passes a block for full tuning, 2 for LoRA everywhere; the emulator's top-only LoRA runs
+    # the backward through its top block only (uniform:1-2-1 has 4 blocks, the adapters in blocks 0 and 3)
+    full_depth = runs["full_ft"]["block_passes"]["forward"]
+    assert runs["full_ft"]["block_passes"]["total"] == 3 * full_depth
+    assert runs["lora_full"]["block_passes"]["total"] == 2 * full_depth
+    assert runs["emulator_lora"]["block_passes"] == {
+        "forward": 4,
+        "backward_input": 4,
+        "backward_weight": 0,
+        "total": 8,
+    }
+    assert runs["emulator_full_block"]["block_passes"]["total"] == 4 + 4 + 2
+    assert runs["emulator_top_only"]["block_passes"]["total"] == 4 + 1
+    bound = runs["emulator_top_only"]["vs_full_ft"]["block_pass_bound"]
+    assert bound == pytest.approx(3 * full_depth / 5, abs=1e-3)
+    assert "| `emulator_top_only` | 4 | 1 | 0 | 5 |" in out.with_suffix(".md").read_text()
+
     for run in runs.values():
         for reference in efficiency.REFERENCES:
             base = runs[reference]
