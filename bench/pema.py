@@ -80,6 +80,7 @@ from transfer import load_recipe  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "pema"
 CELLS = ROOT / "bench" / "results" / "pema_cells"
+TASKS = ("e2e", "multi30k_en_de")
 ROWS = (
     "zero_shot",
     "pema_constant",
@@ -687,7 +688,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workdir", default=str(ROOT / "runs" / "pema"), help="memories and adapters")
     parser.add_argument("--cells", default=str(CELLS))
     parser.add_argument("--out", default=str(RESULTS))
-    parser.add_argument("--tasks", default="e2e,multi30k_en_de")
+    parser.add_argument("--tasks", default=",".join(TASKS))
     parser.add_argument("--rows", default=",".join(ROWS))
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--train", type=int, default=1000, help="training examples of each task")
@@ -707,12 +708,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def load_tasks(args: argparse.Namespace) -> dict[str, Task]:
+def load_tasks(args: argparse.Namespace, names: Sequence[str] | None = None) -> dict[str, Task]:
+    """The tasks named (default: `--tasks`), at the run's sizes."""
     makers = {
         "e2e": lambda: data_to_text_task(args.train, args.test, args.max_new_tokens or 64),
         "multi30k_en_de": lambda: translation_task(args.train, args.test, args.max_new_tokens or 48),
     }
-    chosen = [t for t in args.tasks.split(",") if t]
+    chosen = list(names) if names is not None else [t for t in args.tasks.split(",") if t]
     unknown = [t for t in chosen if t not in makers]
     if unknown:
         raise SystemExit(f"unknown task(s) {', '.join(unknown)}; choose from {', '.join(makers)}")
@@ -761,7 +763,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     previous = out.with_suffix(".json")
     if args.report and previous.is_file():  # the run that made the cells knew the model and the emulator
         meta = {**json.loads(previous.read_text()).get("meta", {}), **meta}
-    report = build_report(Cells(Path(args.cells)), tasks)
+    # every task's cells, not only those run now: a run of one task must not drop another's table
+    report = build_report(Cells(Path(args.cells)), load_tasks(args, TASKS))
     report["meta"] = {**meta, "seconds_this_run": round(time.perf_counter() - started, 1)}
     report["out"] = str(out)
     write_results(out, report, markdown(report, report["meta"]))

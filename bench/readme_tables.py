@@ -191,14 +191,17 @@ def efficiency_table() -> str:
     def versus(run: dict[str, Any], key: str) -> str:
         return f"{run['vs_full_ft'][key]:.2f}×" if "vs_full_ft" in run else "—"
 
+    def bound(run: dict[str, Any]) -> str:
+        return versus(run, "block_pass_bound") if "block_pass_bound" in run.get("vs_full_ft", {}) else "—"
+
     lines = [
-        "| row | tokens/s | speed-up over full FT | s | peak RSS MiB | less memory than full FT |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| row | tokens/s | speed-up over full FT | its work bound | s | peak RSS MiB | less memory than full FT |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for run in report["runs"]:
         lines.append(
-            f"| `{run['row']}` | {run['tokens_per_s']:,.0f} | {versus(run, 'tokens_per_s')} | {run['seconds']:.1f} "
-            f"| {run['peak_mib']:,.0f} | {versus(run, 'peak_mib')} |"
+            f"| `{run['row']}` | {run['tokens_per_s']:,.0f} | {versus(run, 'tokens_per_s')} | {bound(run)} "
+            f"| {run['seconds']:.1f} | {run['peak_mib']:,.0f} | {versus(run, 'peak_mib')} |"
         )
     return "\n".join(lines)
 
