@@ -764,7 +764,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.report and previous.is_file():  # the run that made the cells knew the model and the emulator
         meta = {**json.loads(previous.read_text()).get("meta", {}), **meta}
     # every task's cells, not only those run now: a run of one task must not drop another's table
-    report = build_report(Cells(Path(args.cells)), load_tasks(args, TASKS))
+    every_task = {**load_tasks(args, [t for t in TASKS if t not in tasks]), **tasks}
+    report = build_report(Cells(Path(args.cells)), every_task)
     report["meta"] = {**meta, "seconds_this_run": round(time.perf_counter() - started, 1)}
     report["out"] = str(out)
     write_results(out, report, markdown(report, report["meta"]))

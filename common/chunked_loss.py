@@ -9,7 +9,7 @@ same mask when recomputed (checkpoint restores the RNG state).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -23,14 +23,18 @@ def _chunk(function: Callable[..., torch.Tensor], parts: list[torch.Tensor]) -> 
     return function(*parts)
 
 
+def _slices(tensors: tuple[torch.Tensor, ...], chunk_rows: int) -> Iterator[list[torch.Tensor]]:
+    for start in range(0, tensors[0].shape[0], chunk_rows):
+        yield [t[start : start + chunk_rows] for t in tensors]
+
+
 def chunked_rows(
     per_row: Callable[..., torch.Tensor], *tensors: torch.Tensor, chunk_rows: int = LOSS_CHUNK_ROWS
 ) -> torch.Tensor:
     """`per_row(*tensors)`, for a function whose output has one entry per input row, `chunk_rows` rows at a time."""
-    rows = tensors[0].shape[0]
-    if rows <= chunk_rows:
+    if tensors[0].shape[0] <= chunk_rows:
         return per_row(*tensors)
-    return torch.cat([_chunk(per_row, [t[s : s + chunk_rows] for t in tensors]) for s in range(0, rows, chunk_rows)])
+    return torch.cat([_chunk(per_row, parts) for parts in _slices(tensors, chunk_rows)])
 
 
 def chunked_mean(
@@ -40,8 +44,5 @@ def chunked_mean(
     rows = tensors[0].shape[0]
     if rows <= chunk_rows:
         return mean_loss(*tensors)
-    weighted = []
-    for start in range(0, rows, chunk_rows):
-        parts = [t[start : start + chunk_rows] for t in tensors]
-        weighted.append(_chunk(mean_loss, parts) * parts[0].shape[0])
+    weighted = [_chunk(mean_loss, parts) * parts[0].shape[0] for parts in _slices(tensors, chunk_rows)]
     return torch.stack(weighted).sum() / rows

@@ -227,8 +227,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
         signal.signal(signum, lambda *_: stop.set())
     # a timed wait: the kernel may hand SIGTERM to a busy worker thread, and Python runs the handler only when the
     # main thread next executes bytecode; an untimed wait could then sleep through the signal for good
-    while not stop.wait(SIGNAL_POLL_SECONDS):
-        pass
+    while not stop.is_set():
+        stop.wait(SIGNAL_POLL_SECONDS)
     log.info("shutting down: health NOT_SERVING, then draining in-flight calls")
     shutdown(server, args.shutdown_notice_seconds, SHUTDOWN_GRACE_SECONDS)
     if endpoint:
