@@ -26,10 +26,12 @@ from offsite.owner.emulator.distill import (
 )
 from offsite.owner.emulator.layout import Layout, LayoutError
 from offsite.owner.emulator.public_text import (
+    CHAT_PLACEHOLDER,
     GUTENBERG_HELDOUT_TEXT,
     GUTENBERG_TEXT,
     PublicTextError,
     TextChunks,
+    chat_shaped,
     load_chunks,
     strip_gutenberg,
 )
@@ -260,6 +262,7 @@ def test_distilled_bundle_loads_in_transformers_and_records_the_run(
         ("distill:1-2-1,colour=red", "has no option 'colour'"),
         ("uniform:1-2-1,steps=3", "has no option 'steps'"),
         ("distill:1-2-1,steps", "key=value"),
+        ("distill:1-2-1,chat=1.5", "fraction in \\[0, 1\\]"),
     ],
 )
 def test_bad_emulator_options_are_explained(text: str, message: str) -> None:
@@ -297,3 +300,27 @@ def test_the_shipped_corpus_is_stripped_and_disjoint() -> None:
     assert GUTENBERG_TEXT.stat().st_size + GUTENBERG_HELDOUT_TEXT.stat().st_size < 3_000_000
     paragraphs = {p for p in train.split("\n\n") if len(p) > 200}
     assert not paragraphs & set(heldout.split("\n\n"))
+
+
+def test_chat_shaped_windows_wrap_the_public_text_in_the_models_chat_template(tiny_model_dir) -> None:
+    tokenizer = load_model(str(tiny_model_dir("llama"))).tokenizer
+    windows = torch.arange(10 * 64).view(10, 64) % 200 + 3  # ids above the special tokens
+    assert chat_shaped(tokenizer, windows, 0.5) is windows  # no chat template: nothing to imitate
+    tokenizer.chat_template = (
+        "{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
+        "{% if add_generation_prompt %}<s>assistant\n{% endif %}"
+    )
+    shaped = chat_shaped(tokenizer, windows, 0.5)
+    assert shaped.shape == windows.shape
+    changed = [row for row in range(10) if not torch.equal(shaped[row], windows[row])]
+    assert len(changed) == 5
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": CHAT_PLACEHOLDER}], tokenize=False, add_generation_prompt=True
+    )
+    head, tail = (tokenizer(part, add_special_tokens=False)["input_ids"] for part in rendered.split(CHAT_PLACEHOLDER))
+    room = 64 - len(head) - len(tail)
+    for row in changed:
+        original = windows[row].tolist()
+        splits = [u for u in range(1, room) if shaped[row].tolist() == head + original[:u] + tail + original[u:room]]
+        assert len(splits) == 1  # the template's head, a user turn of the text, the marker, the text's continuation
+    assert torch.equal(chat_shaped(tokenizer, windows, 0.0), windows)

@@ -10,6 +10,10 @@ where a kept boundary is the state entering each block that follows a kept middl
 should be the teacher's state entering the same full-model block (for the last kept block of a gap, the state that
 leaves the gap, i.e. the input of the next adapter block). Logit KD is off unless `kd=` gives it a weight.
 
+`chat=F` recasts a fraction F of the windows as one turn of the model's chat template (`public_text.chat_shaped`):
+an instruct model's data owner prompts through that template, which novels never show, and the gap exit's error on
+chat-formatted prompts was twice that on prose for the default emulator (notes/transfer_progress.md).
+
 Under `accelerate launch --num_processes N` the run is data-parallel (DDP): each process takes every N-th window of
 the same global batch, and because every term is a mean over equally many tokens, DDP's gradient mean is the
 one-process gradient; rank 0 alone writes checkpoints. Run plainly it is the single-process loop it always was.
@@ -28,7 +32,8 @@ import math
 import random
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +51,7 @@ from . import uniform
 from .interface import BuildRequest, Built, positive_int
 from .layout import LayoutError
 from .placement import gaps, parse_placement
-from .public_text import GUTENBERG_HELDOUT_TEXT, GUTENBERG_TEXT, TextChunks, load_chunks
+from .public_text import GUTENBERG_HELDOUT_TEXT, GUTENBERG_TEXT, TextChunks, chat_shaped, load_chunks
 
 PROGRESS_FILE = "progress.json"
 STATE_FILE = "state.safetensors"
@@ -65,6 +70,7 @@ class DistillConfig:
     nmse_weight: float = 30.0
     kd_weight: float = 0.0
     exit_weight: float = 0.0  # extra NMSE weight on the gap exits: the states the top adapter blocks read
+    chat_fraction: float = 0.0  # of the windows recast as a chat turn in the model's template (public_text.chat_shaped)
     eval_every: int = 48
     heldout_fraction: float = 0.05  # of a `data=` file; the shipped corpus holds out a whole novel instead
     max_heldout_chunks: int = 32  # keeps each checkpoint evaluation to seconds on CPU
@@ -401,11 +407,19 @@ def non_negative_float(text: str) -> float:
     return value
 
 
+def fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:  # also refuses nan
+        raise ValueError("must be a fraction in [0, 1]")
+    return value
+
+
 OPTIONS: Mapping[str, Callable[[str], Any]] = {
     "tokens": positive_int,
     "steps": positive_int,
     "kd": non_negative_float,
     "exit": non_negative_float,
+    "chat": fraction,
     "data": Path,
     "place": parse_placement,
 }
@@ -418,6 +432,7 @@ def config_for(options: Mapping[str, Any]) -> DistillConfig:
     config = DistillConfig(
         kd_weight=options.get("kd", DistillConfig.kd_weight),
         exit_weight=options.get("exit", DistillConfig.exit_weight),
+        chat_fraction=options.get("chat", DistillConfig.chat_fraction),
     )
     if "steps" in options:
         return DistillConfig(**{**asdict(config), "steps": options["steps"]})
@@ -432,6 +447,9 @@ def build(request: BuildRequest) -> Built:
         text = load_chunks(request.tokenizer, GUTENBERG_TEXT, config.seq_len, 0.0, heldout_path=GUTENBERG_HELDOUT_TEXT)
     else:
         text = load_chunks(request.tokenizer, data, config.seq_len, config.heldout_fraction)
+    if config.chat_fraction:
+        shape = partial(chat_shaped, request.tokenizer, fraction=config.chat_fraction, seed=config.seed)
+        text = replace(text, train=shape(text.train), heldout=shape(text.heldout))
     start = uniform.build(request)
     report = distill_middle(
         request.full,
@@ -452,6 +470,8 @@ def build(request: BuildRequest) -> Built:
         "nmse_weight": config.nmse_weight,
         "kd_weight": config.kd_weight,
         "exit_weight": config.exit_weight,
+        # only when set, so that the manifests (and bench cells) of builds without it keep their keys
+        **({"chat_fraction": config.chat_fraction} if config.chat_fraction else {}),
         "boundaries": len(kept_boundaries(start.block_map, start.adapters or [], depth(request.full.config))),
         "public_text": "gutenberg" if data is None else "data",
         "public_text_sha256": text.sha256,

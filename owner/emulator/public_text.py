@@ -113,6 +113,40 @@ def load_chunks(
     return TextChunks(train=chunks[:cut], heldout=chunks[cut:], sha256=sha256)
 
 
+CHAT_PLACEHOLDER = "\x00user\x00"
+
+
+def chat_shaped(
+    tokenizer: PreTrainedTokenizerBase, windows: torch.Tensor, fraction: float, seed: int = 0
+) -> torch.Tensor:
+    """`windows` with a `fraction` of them recast as one chat turn of the model's own template, same length.
+
+    An instruct model is used through its chat template, whose system header and role markers the novels never show:
+    a shaped window is the template's head, the window's first tokens as the user's turn, the assistant marker, and
+    its next tokens as the reply, cut to the window's length. The text is still the owner's public text.
+    """
+    if fraction == 0 or tokenizer.chat_template is None:
+        return windows
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": CHAT_PLACEHOLDER}], tokenize=False, add_generation_prompt=True
+    )
+    head_text, tail_text = rendered.split(CHAT_PLACEHOLDER)
+    head = tokenizer(head_text, add_special_tokens=False)["input_ids"]
+    tail = tokenizer(tail_text, add_special_tokens=False)["input_ids"]
+    length = windows.shape[1]
+    room = length - len(head) - len(tail)
+    if room < 4:
+        raise PublicTextError(f"windows of {length} tokens leave no room for the chat template's {length - room}")
+    generator = torch.Generator().manual_seed(seed)
+    shaped = windows.clone()
+    chosen = torch.randperm(len(windows), generator=generator)[: round(len(windows) * fraction)]
+    for row in chosen.tolist():
+        user = int(torch.randint(room // 8, room // 2 + 1, (1,), generator=generator))  # a short turn, like a query
+        text = windows[row, :room].tolist()
+        shaped[row] = torch.tensor(head + text[:user] + tail + text[user:room], dtype=windows.dtype)
+    return shaped
+
+
 @torch.no_grad()
 def window_perplexity(model: PreTrainedModel, chunks: torch.Tensor, batch_size: int = 4) -> float:
     """exp of the mean next-token loss over the windows (every window has the same length)."""

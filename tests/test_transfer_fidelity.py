@@ -1,0 +1,37 @@
+"""The fidelity diagnostic's blend: α = 1 makes the emulator's top adapter block read the full model's state."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+from conftest import TINY_LAYOUT
+from transformers import AutoModelForCausalLM
+
+from offsite.common.model_loading import fingerprint, load_model
+from offsite.common.signing import load_or_create_private_key
+from offsite.owner.emulator import EmulatorSpec, build_emulator
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+import transfer_fidelity  # noqa: E402
+
+
+def test_blending_the_gap_exit_fully_turns_the_emulator_into_the_full_model(tiny_model_dir, tmp_path: Path) -> None:
+    loaded = load_model(str(tiny_model_dir("llama")))
+    key = load_or_create_private_key(tmp_path / "key.pem")
+    spec = EmulatorSpec.parse(f"uniform:{TINY_LAYOUT}")
+    out = tmp_path / "emulator"
+    manifest = build_emulator(loaded.model, loaded.tokenizer, spec, out, key, fingerprint(loaded.model), "tiny", False)
+    ids = torch.tensor([[5, 9, 17, 3, 40, 8], [7, 7, 21, 30, 2, 11]])
+    with torch.no_grad():
+        full = loaded.model(input_ids=ids).logits
+        logits = {}
+        for alpha in (0.0, 0.5, 1.0):
+            emulator = AutoModelForCausalLM.from_pretrained(out).eval()
+            transfer_fidelity.blend_gap_exit(emulator, loaded.model, manifest, alpha)
+            logits[alpha] = emulator(input_ids=ids).logits
+    assert torch.allclose(logits[1.0], full, atol=1e-4)  # the top blocks are the full model's own
+    distance = {alpha: (logits[alpha] - full).pow(2).mean().item() for alpha in logits}
+    assert distance[0.0] > distance[0.5] > distance[1.0]
