@@ -169,7 +169,7 @@ class TransferBench:
             "model": self.fingerprint[:16],
             "rows_digest": data.digest(),
             "test_rows": len(self.test_items(data)),
-            "metric": "acc_norm" if data.multi_token else "acc",
+            "metric": data.metric,
         }
 
     def score(self, model: torch.nn.Module, data: TaskData, items: list[Item], prompt_format: str) -> dict[str, Any]:
@@ -199,7 +199,7 @@ class TransferBench:
             accuracy = {}
             for name in formats:
                 scored = self.score(self.loaded.model, data, data.heldout, name)
-                accuracy[name] = scored["acc_norm" if data.multi_token else "acc"]
+                accuracy[name] = scored[data.metric]
             cell = self.cells.put(facts, {"heldout_accuracy": accuracy, "chosen": max(formats, key=accuracy.get)})
         return cell
 
@@ -339,7 +339,7 @@ def select_recipe(bench: TransferBench, tasks: list[str], emulator: str) -> dict
         for name in tasks:
             data = bench.task(name)
             emulated, plugged = bench.offsite(data, emulator, 0, recipe, data.heldout, row_suffix="_heldout")
-            metric = "acc_norm" if data.multi_token else "acc"
+            metric = data.metric
             per_task[name], on_emulator[name] = plugged[metric], emulated[metric]
         trials.append(
             {

@@ -35,10 +35,16 @@ from offsite.owner.emulator.distill import nmse  # noqa: E402
 OUT = transfer.ROOT / "bench" / "results" / "transfer_fidelity"
 
 
+def first_top_block(manifest: dict[str, Any]) -> tuple[int, int]:
+    """(emulator, full-model) index of the first top adapter block: its input is the gap exit."""
+    return min(training.chosen_blocks(manifest, "top").items())
+
+
 def blend_gap_exit(emulator: torch.nn.Module, full: torch.nn.Module, manifest: dict[str, Any], alpha: float) -> None:
     """Hooks `emulator` so that its first top adapter block reads (1 − α)·its own state + α·the full model's."""
-    top = manifest["adapter_blocks"]["emulator"][len(manifest["adapter_blocks"]["emulator"]) // 2]
-    full_block = manifest["block_map"][top]
+    if alpha == 0:
+        return  # the emulator as it is: no need to run the full model alongside
+    top, full_block = first_top_block(manifest)
     seen: dict[str, torch.Tensor] = {}
 
     def remember(module: torch.nn.Module, args: tuple[Any, ...]) -> None:
@@ -89,15 +95,14 @@ def exit_fidelity(bench: transfer.TransferBench, task: str, spec: str) -> dict[s
         return found
     directory, manifest = bench.emulator(spec)
     emulator, _, _ = load_emulator(directory)
-    top = manifest["adapter_blocks"]["emulator"][len(manifest["adapter_blocks"]["emulator"]) // 2]
+    top, full_block = first_top_block(manifest)
     errors, teacher_states, student_states = [], [], []
     for example in bench.examples(data.heldout, facts["format"]):
         ids = bench.tokenizer(example.prompt + example.completion, add_special_tokens=False, return_tensors="pt")
         ids = ids.input_ids[:, -bench.recipe.max_length :]
         with torch.no_grad():
-            teacher = bench.loaded.model(input_ids=ids, output_hidden_states=True).hidden_states
+            teacher = bench.loaded.model(input_ids=ids, output_hidden_states=True).hidden_states[full_block]
             student = emulator(input_ids=ids, output_hidden_states=True).hidden_states[top]
-        teacher = teacher[manifest["block_map"][top]]
         errors.append(float(nmse(teacher, student)))
         teacher_states.append(teacher[0, 1:])
         student_states.append(student[0, 1:])
@@ -139,7 +144,7 @@ def cell(bench: transfer.TransferBench, task: str, spec: str, alpha: float) -> d
         trained = training.train_adapter(directory, train, bench.recipe.train_config(0), adapter, show_progress=False)
     emulator, _, _ = load_emulator(directory)
     blend_gap_exit(emulator, bench.loaded.model, manifest, alpha)
-    metric = "acc_norm" if data.multi_token else "acc"
+    metric = data.metric
     on_emulator = bench.score(plug_into_emulator(emulator, manifest, adapter), data, data.heldout, fmt)
     plugged = bench.score(plug(bench.loaded.model, adapter, "lora"), data, data.heldout, fmt)
     result = {
@@ -157,7 +162,7 @@ def cell(bench: transfer.TransferBench, task: str, spec: str, alpha: float) -> d
 def spectrum_row(bench: transfer.TransferBench, task: str, spec: str) -> dict[str, Any]:
     """One emulator's exit fidelity next to its plug-in on the same held-out rows (the layouts probe's cells)."""
     data = bench.task(task)
-    metric = "acc_norm" if data.multi_token else "acc"
+    metric = data.metric
     _, plugged = bench.offsite(data, spec, 0, items=data.heldout, row_suffix="_heldout")
     fidelity = exit_fidelity(bench, task, spec)
     return {

@@ -29,7 +29,7 @@ def probe(bench: transfer.TransferBench, emulators: list[str], tasks: list[str])
     for spec in emulators:
         for name in tasks:
             data = bench.task(name)
-            metric = "acc_norm" if data.multi_token else "acc"
+            metric = data.metric
             emulated, plugged = bench.offsite(data, spec, 0, items=data.heldout, row_suffix="_heldout")
             _, manifest = bench.emulator(spec)
             card = manifest.get("report_card", {})

@@ -47,6 +47,10 @@ class TaskData:
     split: str  # how the rows were split, recorded with the results
     multi_token: bool  # choices of several tokens: acc_norm is the headline metric, as lm-eval reports it
 
+    @property
+    def metric(self) -> str:
+        return "acc_norm" if self.multi_token else "acc"
+
     def digest(self) -> str:
         """Identifies the exact rows, so cached results are reused only for the same split."""
         text = json.dumps([[i.query, i.choices, i.gold] for i in self.train + self.heldout + self.test])
