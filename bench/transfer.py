@@ -71,6 +71,8 @@ BUILD_OUTCOMES = (
     "best_step",
     "heldout_nmse_before",
     "heldout_nmse_after",
+    "heldout_whitened_before",
+    "heldout_whitened_after",
     "heldout_perplexity_before",
     "heldout_perplexity_after",
     "nmse_first",

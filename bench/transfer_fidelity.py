@@ -30,9 +30,13 @@ import offsite.client.training as training  # noqa: E402
 from offsite.client.local_model import load_emulator, plug_into_emulator  # noqa: E402
 from offsite.common.architectures import blocks  # noqa: E402
 from offsite.owner.adapters.plugin import plug  # noqa: E402
-from offsite.owner.emulator.distill import nmse  # noqa: E402
+from offsite.owner.emulator.distill import DistillConfig, nmse  # noqa: E402
+from offsite.owner.emulator.public_text import GUTENBERG_HELDOUT_TEXT, GUTENBERG_TEXT, load_chunks  # noqa: E402
+from offsite.owner.emulator.statistics import counted_tokens  # noqa: E402
+from offsite.owner.emulator.whitening import principal_directions  # noqa: E402
 
 OUT = transfer.ROOT / "bench" / "results" / "transfer_fidelity"
+SEQ_LEN = DistillConfig.seq_len  # the public text's windows, as distillation and its report card cut them
 
 
 def first_top_block(manifest: dict[str, Any]) -> tuple[int, int]:
@@ -79,40 +83,20 @@ def blended_training(full: torch.nn.Module, manifest: dict[str, Any], alpha: flo
 
 # Bands of the full model's principal directions at the gap exit, largest variance first.
 BANDS = ((0, 4), (4, 16), (16, 64), (64, 128), (128, 256), (256, None))
+PUBLIC_WINDOWS = 24  # of the held-out novel's last windows (the report card's text): about 3,000 counted tokens
+NOVEL_BAND = 2  # directions 17-64, whose fidelity on task prompts ranked the plug-in gains
+TOKENS_RULE = "statistics.counted_tokens"  # which tokens the bands count; part of each cell's key
 
 
-def exit_fidelity(bench: transfer.TransferBench, task: str, spec: str) -> dict[str, Any]:
-    """How the emulator's gap-exit states match the full model's on the held-out prompts (with their answers).
-
-    NMSE as distillation measures it, and per band of the full model's principal directions (position 0, the
-    attention sink, left out) the error's variance over the full model's and the correlation of the two models'
-    coordinates: NMSE is dominated by the few largest directions, and the bands show what it leaves out.
-    """
-    data = bench.task(task)
-    facts = {**bench.emulator_facts(data, "exit_fidelity_heldout", spec), "scored_rows": len(data.heldout)}
-    found = bench.cells.get(facts)
-    if found is not None:
-        return found
-    directory, manifest = bench.emulator(spec)
-    emulator, _, _ = load_emulator(directory)
-    top, full_block = first_top_block(manifest)
-    errors, teacher_states, student_states = [], [], []
-    for example in bench.examples(data.heldout, facts["format"]):
-        ids = bench.tokenizer(example.prompt + example.completion, add_special_tokens=False, return_tensors="pt")
-        ids = ids.input_ids[:, -bench.recipe.max_length :]
-        with torch.no_grad():
-            teacher = bench.loaded.model(input_ids=ids, output_hidden_states=True).hidden_states[full_block]
-            student = emulator(input_ids=ids, output_hidden_states=True).hidden_states[top]
-        errors.append(float(nmse(teacher, student)))
-        teacher_states.append(teacher[0, 1:])
-        student_states.append(student[0, 1:])
-    teacher, student = torch.cat(teacher_states), torch.cat(student_states)
+def band_fidelity(teacher: torch.Tensor, student: torch.Tensor) -> list[dict[str, Any]]:
+    """Per band of the teacher's principal directions: the error's variance over the teacher's, and the correlation
+    of the two models' coordinates. `teacher` and `student` are [tokens, width] states of the same tokens."""
     centre = teacher.mean(0)
-    directions = torch.linalg.svd(teacher - centre, full_matrices=False).Vh
+    directions = principal_directions(teacher)[0].to(teacher.dtype)
     ours, theirs = (teacher - centre) @ directions.T, (student - centre) @ directions.T
     error_ratio = (theirs - ours).var(0) / ours.var(0)
     correlation = torch.nn.functional.cosine_similarity(ours - ours.mean(0), theirs - theirs.mean(0), dim=0)
-    bands = [
+    return [
         {
             "directions": f"{start + 1}-{stop or ours.shape[1]}",
             "error_ratio": float(error_ratio[start:stop].mean()),
@@ -120,7 +104,73 @@ def exit_fidelity(bench: transfer.TransferBench, task: str, spec: str) -> dict[s
         }
         for start, stop in BANDS
     ]
-    return bench.cells.put(facts, {"exit_nmse": sum(errors) / len(errors), "bands": bands, "tokens": len(teacher)})
+
+
+def exit_states(
+    bench: transfer.TransferBench, emulator: torch.nn.Module, manifest: dict[str, Any], ids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(full model's, emulator's) gap-exit states of the counted tokens of `ids`, [tokens, width], and their NMSE."""
+    top, full_block = first_top_block(manifest)
+    with torch.no_grad():
+        hidden = bench.loaded.model(input_ids=ids, output_hidden_states=True).hidden_states
+        student = emulator(input_ids=ids, output_hidden_states=True).hidden_states[top]
+    mask = counted_tokens(ids, hidden)
+    return hidden[full_block][mask], student[mask], float(nmse(hidden[full_block], student))
+
+
+def exit_fidelity(bench: transfer.TransferBench, task: str, spec: str) -> dict[str, Any]:
+    """How the emulator's gap-exit states match the full model's on the held-out prompts (with their answers).
+
+    NMSE as distillation measures it, and per band of the full model's principal directions the error's variance
+    over the full model's and the correlation of the two models' coordinates (`band_fidelity`; the tokens that
+    `statistics.counted_tokens` counts: no sink, no massive token): NMSE is dominated by the few largest
+    directions, and the bands show what it leaves out.
+    """
+    data = bench.task(task)
+    facts = {**bench.emulator_facts(data, "exit_fidelity_heldout", spec), "scored_rows": len(data.heldout)}
+
+    def prompts() -> Iterator[torch.Tensor]:
+        for example in bench.examples(data.heldout, facts["format"]):
+            ids = bench.tokenizer(example.prompt + example.completion, add_special_tokens=False, return_tensors="pt")
+            yield ids.input_ids[:, -bench.recipe.max_length :]
+
+    return measured_fidelity(bench, facts, spec, prompts())
+
+
+def public_fidelity(bench: transfer.TransferBench, task: str, spec: str) -> dict[str, Any]:
+    """The same bands on public text the distillation never trained on: the held-out novel's last windows.
+
+    Next to `exit_fidelity` on a task's prompts it separates an emulator that is unfaithful everywhere from one
+    that is faithful on the kind of text it was distilled on and not on the data owner's. (Keyed by the task only
+    to share the emulator's cell facts; the text is the same for every task.)
+    """
+    facts = {**bench.emulator_facts(bench.task(task), "exit_fidelity_public", spec), "windows": PUBLIC_WINDOWS}
+
+    def windows() -> Iterator[torch.Tensor]:
+        text = load_chunks(bench.tokenizer, GUTENBERG_TEXT, SEQ_LEN, 0.0, heldout_path=GUTENBERG_HELDOUT_TEXT)
+        yield from text.heldout[-PUBLIC_WINDOWS:].split(4)
+
+    return measured_fidelity(bench, facts, spec, windows())
+
+
+def measured_fidelity(
+    bench: transfer.TransferBench, facts: dict[str, Any], spec: str, inputs: Iterator[torch.Tensor]
+) -> dict[str, Any]:
+    """The cell of `facts`, or else the gap exit's NMSE (the mean over `inputs`, batches of ids) and bands, stored."""
+    facts = {**facts, "tokens_rule": TOKENS_RULE}
+    found = bench.cells.get(facts)
+    if found is not None:
+        return found
+    directory, manifest = bench.emulator(spec)
+    emulator, _, _ = load_emulator(directory)
+    states = [exit_states(bench, emulator, manifest, ids) for ids in inputs]
+    teacher, student = torch.cat([t for t, _, _ in states]), torch.cat([s for _, s, _ in states])
+    result = {
+        "exit_nmse": sum(error for _, _, error in states) / len(states),
+        "bands": band_fidelity(teacher, student),
+        "tokens": len(teacher),
+    }
+    return bench.cells.put(facts, result)
 
 
 def cell(bench: transfer.TransferBench, task: str, spec: str, alpha: float) -> dict[str, Any]:
@@ -165,11 +215,14 @@ def spectrum_row(bench: transfer.TransferBench, task: str, spec: str) -> dict[st
     metric = data.metric
     _, plugged = bench.offsite(data, spec, 0, items=data.heldout, row_suffix="_heldout")
     fidelity = exit_fidelity(bench, task, spec)
+    public = public_fidelity(bench, task, spec)
     return {
         "task": task,
         "emulator": spec,
         "exit_nmse": fidelity["exit_nmse"],
         "bands": fidelity["bands"],
+        "public_exit_nmse": public["exit_nmse"],
+        "public_bands": public["bands"],
         "plug_in_gain": plugged[metric] - bench.heldout_zero_shot(data),
     }
 
@@ -199,16 +252,21 @@ def markdown(rows: list[dict[str, Any]], spectrum: list[dict[str, Any]]) -> str:
             "## Which directions each emulator gets right at the gap exit",
             "",
             "Per band of the full model's principal directions at the exit (1 = largest variance; held-out prompts",
-            "with their answers, position 0 left out): the correlation of the emulator's coordinates with the full",
-            "model's. Plug-in − zero-shot is the layouts probe's (`transfer_layouts*.md`), on the same rows.",
+            "with their answers; no sink or massive token): the correlation of the emulator's coordinates with the",
+            "full model's. The novel columns measure the same on public text the distillation never trained on (the",
+            f"held-out novel's last {PUBLIC_WINDOWS} windows). Plug-in − zero-shot is the layouts probe's",
+            "(`transfer_layouts*.md`), on the same rows.",
             "",
-            "| emulator | task | exit NMSE | " + " | ".join(f"r, {b}" for b in bands) + " | plug-in − zero-shot |",
-            "|---|---|---:|" + "---:|" * len(bands) + "---:|",
+            "| emulator | task | exit NMSE | "
+            + " | ".join(f"r, {b}" for b in bands)
+            + f" | novel: exit NMSE | novel: r, {bands[NOVEL_BAND]} | plug-in − zero-shot |",
+            "|---|---|---:|" + "---:|" * len(bands) + "---:|---:|---:|",
         ]
         for r in spectrum:
             correlations = " | ".join(f"{b['correlation']:.2f}" for b in r["bands"])
             lines.append(
                 f"| {r['emulator']} | {r['task']} | {r['exit_nmse']:.3f} | {correlations} "
+                f"| {r['public_exit_nmse']:.3f} | {r['public_bands'][NOVEL_BAND]['correlation']:.2f} "
                 f"| {r['plug_in_gain'] * 100:+.1f} |"
             )
     return "\n".join(lines) + "\n"

@@ -18,6 +18,7 @@ from offsite.owner.emulator.bundle import materialize
 from offsite.owner.emulator.distill import (
     DEFAULT_TOKENS,
     DistillConfig,
+    DistillReport,
     config_for,
     distill_middle,
     gap_exits,
@@ -32,8 +33,11 @@ from offsite.owner.emulator.public_text import (
     PublicTextError,
     TextChunks,
     chat_shaped,
+    chat_turn_ids,
     load_chunks,
     strip_gutenberg,
+    teacher_samples,
+    with_teacher_samples,
 )
 
 LAYOUT = Layout.parse(TINY_LAYOUT)
@@ -159,20 +163,32 @@ def test_logit_kd_trains_too(tiny_model_dir, public_text: Path, tmp_path: Path) 
     assert report.steps == 4 and report.last_nmse == report.last_nmse  # finite, not nan
 
 
+def _exit_only_run(setup: tuple, directory: Path, **weights: float) -> DistillReport:
+    """Eight steps of the tiny model's distillation with no boundary NMSE: only `weights`' exit terms and the LM."""
+    loaded, block_map, text = setup
+    emulator = materialize(loaded.model, block_map)
+    config = DistillConfig(
+        steps=8, batch_size=4, seq_len=16, lr=3e-3, warmup_steps=1, eval_every=8, nmse_weight=0.0, **weights
+    )
+    return distill_middle(loaded.model, emulator, block_map, ADAPTERS, text, config, directory, show_progress=False)
+
+
 def test_exit_weight_pulls_the_gap_exit_towards_the_teacher(tiny_model_dir, public_text: Path, tmp_path: Path) -> None:
-    loaded, block_map, text = _setup(tiny_model_dir, public_text)
-    heldout_nmse = {}
-    for exit_weight in (0.0, 30.0):
-        emulator = materialize(loaded.model, block_map)
-        config = DistillConfig(
-            steps=8, batch_size=4, seq_len=16, lr=3e-3, warmup_steps=1, eval_every=8, nmse_weight=0.0,
-            exit_weight=exit_weight,
-        )  # fmt: skip
-        report = distill_middle(
-            loaded.model, emulator, block_map, ADAPTERS, text, config, tmp_path / str(exit_weight), show_progress=False
-        )
-        heldout_nmse[exit_weight] = report.best_heldout_nmse
-    assert heldout_nmse[30.0] < heldout_nmse[0.0]
+    setup = _setup(tiny_model_dir, public_text)
+    plain = _exit_only_run(setup, tmp_path / "plain")
+    weighted = _exit_only_run(setup, tmp_path / "weighted", exit_weight=30.0)
+    assert weighted.best_heldout_nmse < plain.best_heldout_nmse
+
+
+def test_whiten_weight_cuts_the_whitened_exit_error(tiny_model_dir, public_text: Path, tmp_path: Path) -> None:
+    setup = _setup(tiny_model_dir, public_text)
+    plain = _exit_only_run(setup, tmp_path / "plain")
+    whitened = _exit_only_run(setup, tmp_path / "whitened", whiten_weight=3.0)
+    # Both runs measure the whitened error from the same start; only the one that trains on it brings it down.
+    assert plain.start_heldout_whitened == pytest.approx(whitened.start_heldout_whitened)
+    assert whitened.best_heldout_whitened < plain.best_heldout_whitened
+    assert whitened.best_heldout_whitened < whitened.start_heldout_whitened
+    assert config_for({"whiten": 3.0}).whiten_weight == 3.0 and config_for({}).whiten_weight == 0.0
 
 
 def test_an_interrupted_distillation_resumes_where_it_stopped(
@@ -324,3 +340,24 @@ def test_chat_shaped_windows_wrap_the_public_text_in_the_models_chat_template(ti
         splits = [u for u in range(1, room) if shaped[row].tolist() == head + original[:u] + tail + original[u:room]]
         assert len(splits) == 1  # the template's head, a user turn of the text, the marker, the text's continuation
     assert torch.equal(chat_shaped(tokenizer, windows, 0.0), windows)
+
+
+def test_the_teacher_writes_its_own_windows_from_the_chat_templates_head(tiny_model_dir) -> None:
+    loaded = load_model(str(tiny_model_dir("llama")))
+    tokenizer = loaded.tokenizer
+    tokenizer.chat_template = "{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
+    head, _ = chat_turn_ids(tokenizer)
+    own = teacher_samples(loaded.model, tokenizer, count=5, seq_len=24, seed=3, batch_size=2)
+    assert own.shape == (5, 24)
+    assert all(row[: len(head)].tolist() == head for row in own)
+    assert len({tuple(row.tolist()) for row in own}) == 5  # one prompt, five different texts
+    assert torch.equal(own, teacher_samples(loaded.model, tokenizer, count=5, seq_len=24, seed=3, batch_size=2))
+
+    corpus = torch.arange(40 * 24).view(40, 24) % 200 + 3
+    mixed = with_teacher_samples(loaded.model, tokenizer, corpus, seen=12, fraction=0.25, seed=3)
+    assert mixed.shape == (12, 24)
+    from_teacher = [row for row in mixed if row[: len(head)].tolist() == head]
+    assert len(from_teacher) == 3
+    corpus_rows = {tuple(row.tolist()) for row in corpus}
+    assert sum(tuple(row.tolist()) in corpus_rows for row in mixed) == 9
+    assert config_for({"sample": 0.5}).sample_fraction == 0.5 and config_for({}).sample_fraction == 0.0

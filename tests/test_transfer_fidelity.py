@@ -35,3 +35,14 @@ def test_blending_the_gap_exit_fully_turns_the_emulator_into_the_full_model(tiny
     assert torch.allclose(logits[1.0], full, atol=1e-4)  # the top blocks are the full model's own
     distance = {alpha: (logits[alpha] - full).pow(2).mean().item() for alpha in logits}
     assert distance[0.0] > distance[0.5] > distance[1.0]
+
+
+def test_band_fidelity_is_one_for_a_perfect_student_and_near_zero_for_an_unrelated_one() -> None:
+    torch.manual_seed(0)
+    width = 300  # every band of BANDS has directions
+    teacher = torch.randn(2000, width) * torch.logspace(1, -1, width)
+    perfect = transfer_fidelity.band_fidelity(teacher, teacher.clone())
+    unrelated = transfer_fidelity.band_fidelity(teacher, torch.randn(2000, width) * torch.logspace(1, -1, width))
+    assert [b["directions"] for b in perfect] == ["1-4", "5-16", "17-64", "65-128", "129-256", "257-300"]
+    assert all(b["correlation"] > 0.999 and b["error_ratio"] < 1e-6 for b in perfect)
+    assert all(abs(b["correlation"]) < 0.1 and b["error_ratio"] > 1.5 for b in unrelated)

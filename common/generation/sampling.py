@@ -23,6 +23,7 @@ class SamplingConfig:
     top_p: float = 1.0  # with temperature > 0: sample from the fewest tokens holding this much probability
     seed: int = 0
     stop: tuple[str, ...] = ()  # a row ends before the first of these in its text
+    distinct_rows: bool = False  # row r draws from seed + r: a batch of one prompt gives different texts
 
     def check(self) -> None:
         if not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS:
@@ -37,8 +38,9 @@ class SamplingConfig:
             raise ValueError(f"each stop string must have 1..{MAX_STOP_CHARS} characters")
 
     def generators(self, rows: int) -> list[torch.Generator]:
-        """One random stream per row, all seeded alike: a row's draws never depend on the other rows."""
-        return [torch.Generator().manual_seed(self.seed) for _ in range(rows)]
+        """One random stream per row, seeded alike (or seed + row with `distinct_rows`): a row's draws never
+        depend on the other rows' tokens."""
+        return [torch.Generator().manual_seed(self.seed + (row if self.distinct_rows else 0)) for row in range(rows)]
 
 
 def choose(log_probs: torch.Tensor, sampling: SamplingConfig, generators: Sequence[torch.Generator]) -> list[int]:

@@ -4,16 +4,22 @@ The teacher is the full model; the student is the emulator. Both read the same p
 excerpts of ten Project Gutenberg novels, general prose disjoint from every evaluation task. The loss is
 
     LM + nmse_weight · mean NMSE over the kept boundaries + exit_weight · mean NMSE at the gap exits
+       + whiten_weight · mean whitened error at the gap exits
        + kd_weight · KL(teacher ‖ student next-token distribution)
 
 where a kept boundary is the state entering each block that follows a kept middle block: the student's state there
 should be the teacher's state entering the same full-model block (for the last kept block of a gap, the state that
-leaves the gap, i.e. the input of the next adapter block). Logit KD is off unless `kd=` gives it a weight.
+leaves the gap, i.e. the input of the next adapter block). Logit KD is off unless `kd=` gives it a weight. The
+whitened error (`whiten=`, off by default; `whitening.ExitWhitening`) measures the exit error along the full model's
+largest principal directions with each scaled to unit variance, fitted on the teacher's states for the first
+WHITEN_WINDOWS training windows: NMSE lets the few largest directions decide, and the top adapter reads more.
 
 `chat=F` recasts a fraction F of the windows as one turn of the model's chat template (`public_text.chat_shaped`):
 an instruct model's data owner prompts through that template, which novels never show (the default emulator's gap
 exit NMSE is 0.52 on chat-formatted TREC prompts, 0.25 on prose). Measured at a quarter of the budget, it lowers
 that NMSE (to 0.37) but does not make the adapter transfer (bench/results/transfer_fidelity.md says why).
+`sample=F` makes a fraction F of the windows the run sees the teacher's own text, written from the chat template's
+head (`public_text.teacher_samples`): the kind of text the model was tuned to read, with no data owner's data.
 
 Under `accelerate launch --num_processes N` the run is data-parallel (DDP): each process takes every N-th window of
 the same global batch, and because every term is a mean over equally many tokens, DDP's gradient mean is the
@@ -52,13 +58,23 @@ from . import uniform
 from .interface import BuildRequest, Built, positive_int
 from .layout import LayoutError
 from .placement import gaps, parse_placement
-from .public_text import GUTENBERG_HELDOUT_TEXT, GUTENBERG_TEXT, TextChunks, chat_shaped, load_chunks
+from .public_text import (
+    GUTENBERG_HELDOUT_TEXT,
+    GUTENBERG_TEXT,
+    TextChunks,
+    chat_shaped,
+    load_chunks,
+    with_teacher_samples,
+)
+from .statistics import counted_tokens
+from .whitening import ExitWhitening, fit_exit_whitenings
 
 PROGRESS_FILE = "progress.json"
 STATE_FILE = "state.safetensors"
 BEST_FILE = "best.safetensors"
 IGNORE_INDEX = -100
 DEFAULT_TOKENS = 393_216  # 768 steps of 4 × 128 tokens: about 22 minutes for SmolLM2 2-8-2 on 2 cores
+WHITEN_WINDOWS = 64  # training windows whose teacher states fit the whitening: 8k tokens for 64 directions
 
 
 @dataclass(frozen=True)
@@ -71,7 +87,9 @@ class DistillConfig:
     nmse_weight: float = 30.0
     kd_weight: float = 0.0
     exit_weight: float = 0.0  # extra NMSE weight on the gap exits: the states the top adapter blocks read
+    whiten_weight: float = 0.0  # weight of the whitened error at the gap exits (whitening.ExitWhitening)
     chat_fraction: float = 0.0  # of the windows recast as a chat turn in the model's template (public_text.chat_shaped)
+    sample_fraction: float = 0.0  # of the windows seen written by the teacher itself (public_text.with_teacher_samples)
     eval_every: int = 48
     heldout_fraction: float = 0.05  # of a `data=` file; the shipped corpus holds out a whole novel instead
     max_heldout_chunks: int = 32  # keeps each checkpoint evaluation to seconds on CPU
@@ -94,6 +112,8 @@ class DistillReport:
     start_heldout_perplexity: float
     best_heldout_nmse: float  # at the gap exits, on the held-out windows
     start_heldout_nmse: float
+    best_heldout_whitened: float  # the whitened error at the gap exits, on the held-out windows
+    start_heldout_whitened: float
     first_nmse: float
     last_nmse: float
     seconds: float
@@ -173,9 +193,11 @@ class DistillObjective(torch.nn.Module):
         config: DistillConfig,
         boundaries: list[tuple[int, int]],
         exits: list[tuple[int, int]],
+        whitenings: list[ExitWhitening],
     ):
         super().__init__()
         self.emulator, self.config, self.boundaries, self.exits = emulator, config, boundaries, exits
+        self.whitenings = whitenings
 
     def forward(
         self, batch: torch.Tensor, teacher_states: tuple[torch.Tensor, ...], teacher_logits: torch.Tensor | None
@@ -188,40 +210,73 @@ class DistillObjective(torch.nn.Module):
         if config.exit_weight:
             at_exits = torch.stack([nmse(teacher_states[t], out.hidden_states[s]) for t, s in self.exits]).mean()
             loss = loss + config.exit_weight * at_exits
+        if config.whiten_weight:
+            mask = counted_tokens(batch, teacher_states)
+            whitened = whitened_exit_error(self.whitenings, self.exits, teacher_states, out.hidden_states, mask)
+            loss = loss + config.whiten_weight * whitened
         if teacher_logits is not None:
             loss = loss + config.kd_weight * logit_kd(teacher_logits, out.logits)
         return loss, out.loss, distance
 
 
-def heldout_loss(config: DistillConfig, perplexity: float, exit_nmse: float) -> float:
+def whitened_exit_error(
+    whitenings: list[ExitWhitening],
+    exits: list[tuple[int, int]],
+    teacher_states: Mapping[int, torch.Tensor] | tuple[torch.Tensor, ...],
+    student_states: tuple[torch.Tensor, ...],
+    mask: torch.Tensor,
+) -> torch.Tensor:
+    """The whitened error averaged over the gap exits, on the `mask`ed tokens (`statistics.counted_tokens`)."""
+    errors = [
+        whitening.error(teacher_states[t], student_states[s], mask)
+        for whitening, (t, s) in zip(whitenings, exits, strict=True)
+    ]
+    return torch.stack(errors).mean()
+
+
+def heldout_loss(config: DistillConfig, perplexity: float, exit_nmse: float, exit_whitened: float) -> float:
     """What picks the checkpoint: the training loss without KD, on held-out text and at the gap exits only."""
-    return math.log(perplexity) + config.nmse_weight * exit_nmse
+    return math.log(perplexity) + config.nmse_weight * exit_nmse + config.whiten_weight * exit_whitened
 
 
 class HeldOut:
-    """The held-out windows and the teacher's states at the gap exits on them, computed once (the teacher is frozen)."""
+    """The held-out windows, the teacher's gap-exit states and counted tokens on them, computed once (it is frozen)."""
 
-    def __init__(self, full: PreTrainedModel, windows: torch.Tensor, exits: list[tuple[int, int]], batch_size: int):
+    def __init__(
+        self,
+        full: PreTrainedModel,
+        windows: torch.Tensor,
+        exits: list[tuple[int, int]],
+        batch_size: int,
+        whitenings: list[ExitWhitening],
+    ):
         self.windows, self.exits, self.batch_size = windows.to(input_device(full)), exits, batch_size
+        self.whitenings = whitenings
+        self.targets: list[dict[int, torch.Tensor]] = []
+        self.masks: list[torch.Tensor] = []
         with torch.no_grad():
-            self.targets = [
-                [full.base_model(input_ids=batch, output_hidden_states=True).hidden_states[t] for t, _ in exits]
-                for batch in windows.split(batch_size)
-            ]
+            for batch in self.windows.split(batch_size):
+                states = full.base_model(input_ids=batch, output_hidden_states=True).hidden_states
+                self.targets.append({t: states[t] for t, _ in exits})
+                self.masks.append(counted_tokens(batch, states))
 
     @torch.no_grad()
-    def score(self, emulator: PreTrainedModel) -> tuple[float, float]:
-        """The emulator's perplexity on the windows and its NMSE against the teacher at the gap exits."""
+    def score(self, emulator: PreTrainedModel) -> tuple[float, float, float]:
+        """The emulator's perplexity on the windows, its NMSE and its whitened error at the gap exits."""
         was_training = emulator.training
         emulator.eval()
-        loss = distance = 0.0
-        for batch, targets in zip(self.windows.split(self.batch_size), self.targets, strict=True):
+        loss = distance = whitened = 0.0
+        batches = zip(self.windows.split(self.batch_size), self.targets, self.masks, strict=True)
+        for batch, targets, mask in batches:
             out = emulator(input_ids=batch, labels=batch, output_hidden_states=True)
             loss += float(out.loss) * len(batch)
-            exits = [nmse(target, out.hidden_states[s]) for target, (_, s) in zip(targets, self.exits, strict=True)]
+            exits = [nmse(targets[t], out.hidden_states[s]) for t, s in self.exits]
             distance += float(torch.stack(exits).mean()) * len(batch)
+            error = whitened_exit_error(self.whitenings, self.exits, targets, out.hidden_states, mask)
+            whitened += float(error) * len(batch)
         emulator.train(was_training)
-        return math.exp(loss / len(self.windows)), distance / len(self.windows)
+        count = len(self.windows)
+        return math.exp(loss / count), distance / count, whitened / count
 
 
 class _Checkpoint:
@@ -313,19 +368,24 @@ def distill_middle(
         parameter.requires_grad_(True)
     optimizer = torch.optim.AdamW(list(params.values()), lr=config.lr, weight_decay=0.0)
     main = processes.is_main_process()
-    heldout = HeldOut(full, text.heldout[: config.max_heldout_chunks], gap_exits(block_map, adapters, total), 4)
+    # Fitted and reported even when not trained on: the held-out whitened error is how emulators compare.
+    train_windows = text.train[:WHITEN_WINDOWS].to(input_device(full))
+    whitenings = fit_exit_whitenings(full.base_model, train_windows, [t for t, _ in exits], 4)
+    heldout = HeldOut(full, text.heldout[: config.max_heldout_chunks], exits, 4, whitenings)
     identity = {"config": asdict(config), "text_sha256": text.sha256, "block_map": block_map}
     checkpoint = _Checkpoint(checkpoint_dir, identity)
 
     progress = checkpoint.load(params, optimizer)
     if progress is None:
-        perplexity, distance = heldout.score(emulator)
+        perplexity, distance, whitened = heldout.score(emulator)
         progress = {
             "step": 0,
             "start_perplexity": perplexity,
             "best_perplexity": perplexity,
             "start_heldout_nmse": distance,
             "best_heldout_nmse": distance,
+            "start_heldout_whitened": whitened,
+            "best_heldout_whitened": whitened,
             "best_step": 0,
             "nmse": [],
         }
@@ -334,7 +394,7 @@ def distill_middle(
     start_step = progress["step"]
     nmse_history: list[float] = progress["nmse"]
 
-    objective = DistillObjective(emulator, config, boundaries, exits)
+    objective = DistillObjective(emulator, config, boundaries, exits, whitenings)
     if accelerator is not None:
         objective, optimizer = accelerator.prepare(objective, optimizer)
     emulator.train()
@@ -368,11 +428,15 @@ def distill_middle(
             )
             done = step + 1
             if done % config.eval_every == 0 or done == config.steps:
-                perplexity, heldout_nmse = heldout.score(emulator)
-                if heldout_loss(config, perplexity, heldout_nmse) < heldout_loss(
-                    config, progress["best_perplexity"], progress["best_heldout_nmse"]
-                ):
-                    progress.update(best_perplexity=perplexity, best_heldout_nmse=heldout_nmse, best_step=done)
+                perplexity, heldout_nmse, whitened = heldout.score(emulator)
+                best = (progress["best_perplexity"], progress["best_heldout_nmse"], progress["best_heldout_whitened"])
+                if heldout_loss(config, perplexity, heldout_nmse, whitened) < heldout_loss(config, *best):
+                    progress.update(
+                        best_perplexity=perplexity,
+                        best_heldout_nmse=heldout_nmse,
+                        best_heldout_whitened=whitened,
+                        best_step=done,
+                    )
                     if main:
                         checkpoint.save_best(params)
                 if main:
@@ -394,6 +458,8 @@ def distill_middle(
         start_heldout_perplexity=progress["start_perplexity"],
         best_heldout_nmse=progress["best_heldout_nmse"],
         start_heldout_nmse=progress["start_heldout_nmse"],
+        best_heldout_whitened=progress["best_heldout_whitened"],
+        start_heldout_whitened=progress["start_heldout_whitened"],
         first_nmse=sum(nmse_history[:window]) / window if nmse_history else float("nan"),
         last_nmse=sum(nmse_history[-window:]) / window if nmse_history else float("nan"),
         seconds=time.perf_counter() - started,
@@ -420,7 +486,9 @@ OPTIONS: Mapping[str, Callable[[str], Any]] = {
     "steps": positive_int,
     "kd": non_negative_float,
     "exit": non_negative_float,
+    "whiten": non_negative_float,
     "chat": fraction,
+    "sample": fraction,
     "data": Path,
     "place": parse_placement,
 }
@@ -433,7 +501,9 @@ def config_for(options: Mapping[str, Any]) -> DistillConfig:
     config = DistillConfig(
         kd_weight=options.get("kd", DistillConfig.kd_weight),
         exit_weight=options.get("exit", DistillConfig.exit_weight),
+        whiten_weight=options.get("whiten", DistillConfig.whiten_weight),
         chat_fraction=options.get("chat", DistillConfig.chat_fraction),
+        sample_fraction=options.get("sample", DistillConfig.sample_fraction),
     )
     if "steps" in options:
         return DistillConfig(**{**asdict(config), "steps": options["steps"]})
@@ -451,6 +521,12 @@ def build(request: BuildRequest) -> Built:
     if config.chat_fraction:
         shape = partial(chat_shaped, request.tokenizer, fraction=config.chat_fraction, seed=config.seed)
         text = replace(text, train=shape(text.train), heldout=shape(text.heldout))
+    if config.sample_fraction:
+        seen, share = config.steps * config.batch_size, config.sample_fraction
+        own = with_teacher_samples(
+            request.full, request.tokenizer, text.train, seen, share, config.seed, request.show_progress
+        )
+        text = replace(text, train=own)
     start = uniform.build(request)
     report = distill_middle(
         request.full,
@@ -473,6 +549,8 @@ def build(request: BuildRequest) -> Built:
         "exit_weight": config.exit_weight,
         # only when set, so that the manifests (and bench cells) of builds without it keep their keys
         **({"chat_fraction": config.chat_fraction} if config.chat_fraction else {}),
+        **({"sample_fraction": config.sample_fraction} if config.sample_fraction else {}),
+        **({"whiten_weight": config.whiten_weight} if config.whiten_weight else {}),
         "boundaries": len(kept_boundaries(start.block_map, start.adapters or [], depth(request.full.config))),
         "public_text": "gutenberg" if data is None else "data",
         "public_text_sha256": text.sha256,
@@ -481,6 +559,8 @@ def build(request: BuildRequest) -> Built:
         "heldout_perplexity_after": round(report.best_heldout_perplexity, 4),
         "heldout_nmse_before": round(report.start_heldout_nmse, 6),
         "heldout_nmse_after": round(report.best_heldout_nmse, 6),
+        "heldout_whitened_before": round(report.start_heldout_whitened, 6),
+        "heldout_whitened_after": round(report.best_heldout_whitened, 6),
         "nmse_first": round(report.first_nmse, 6),
         "nmse_last": round(report.last_nmse, 6),
         "seconds": round(report.seconds, 1),

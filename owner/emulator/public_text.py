@@ -16,7 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from ...common.generation.loop import complete, model_policy
+from ...common.generation.sampling import SamplingConfig
+from ...common.generation.steppers import LocalStepper
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 # WikiText-2 validation split (CC BY-SA 3.0).
@@ -114,6 +119,84 @@ def load_chunks(
 
 
 CHAT_PLACEHOLDER = "\x00user\x00"
+SAMPLE_BATCH = 32  # windows the teacher writes at once: its KV cache for 128 tokens is a few MiB a window
+SAMPLE_TOP_P = 0.95  # nucleus: the teacher's own distribution, less the tail of tokens it would rarely pick
+
+
+def chat_turn_ids(tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[int]]:
+    """The token ids of the model's chat template before a user's message and after it (to the assistant's turn)."""
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": CHAT_PLACEHOLDER}], tokenize=False, add_generation_prompt=True
+    )
+    head_text, tail_text = rendered.split(CHAT_PLACEHOLDER)
+    return (
+        tokenizer(head_text, add_special_tokens=False)["input_ids"],
+        tokenizer(tail_text, add_special_tokens=False)["input_ids"],
+    )
+
+
+def teacher_samples(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    count: int,
+    seq_len: int,
+    seed: int = 0,
+    batch_size: int = SAMPLE_BATCH,
+    show_progress: bool = False,
+) -> torch.Tensor:
+    """`count` windows of `seq_len` tokens that the model writes itself, [count, seq_len].
+
+    Each opens with the chat template's head, up to where a user's message begins (or the BOS token, for a model
+    without a template), and the model writes the rest at temperature 1 and top-p SAMPLE_TOP_P: a user's turn, its
+    own reply, and on. Distilling on them shows the emulator the kind of text the model was tuned to read, which
+    the novels are not, without any data owner's data (data-free distillation, as in LLM-QAT, 2305.17888).
+    """
+    if tokenizer.chat_template is not None:
+        head = chat_turn_ids(tokenizer)[0]
+    elif tokenizer.bos_token_id is not None:
+        head = [tokenizer.bos_token_id]
+    else:
+        raise PublicTextError("the model has neither a chat template nor a BOS token to start its own text from")
+    if seq_len - len(head) < 1:
+        raise PublicTextError(f"windows of {seq_len} tokens leave no room after the chat template's {len(head)}")
+    windows = []
+    with tqdm(total=count, desc="sampling the teacher", unit="window", disable=not show_progress) as bar:
+        for start in range(0, count, batch_size):
+            rows = min(batch_size, count - start)
+            sampling = SamplingConfig(
+                max_new_tokens=seq_len - len(head),
+                temperature=1.0,
+                top_p=SAMPLE_TOP_P,
+                seed=seed * 1_000_003 + start,
+                distinct_rows=True,
+            )
+            # No end-of-text: a window runs on past the end of a turn, as the novels' windows run past a chapter.
+            for completion in complete(LocalStepper(model), [head] * rows, model_policy, sampling, None, tokenizer):
+                windows.append(head + completion.tokens)
+            bar.update(rows)
+    return torch.tensor(windows, dtype=torch.long)
+
+
+def with_teacher_samples(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    windows: torch.Tensor,
+    seen: int,
+    fraction: float,
+    seed: int = 0,
+    show_progress: bool = False,
+) -> torch.Tensor:
+    """The `seen` windows a run will train on, a `fraction` of them the model's own (`teacher_samples`), shuffled.
+
+    Only the windows a run sees are made, so the cost follows the budget, not the corpus: the rest are `windows`
+    drawn at random.
+    """
+    sampled = round(seen * fraction)
+    generator = torch.Generator().manual_seed(seed)
+    kept = windows[torch.randperm(len(windows), generator=generator)[: max(0, seen - sampled)]]
+    own = teacher_samples(model, tokenizer, sampled, windows.shape[1], seed, show_progress=show_progress)
+    both = torch.cat([kept, own])
+    return both[torch.randperm(len(both), generator=generator)]
 
 
 def chat_shaped(
@@ -127,12 +210,7 @@ def chat_shaped(
     """
     if fraction == 0 or tokenizer.chat_template is None:
         return windows
-    rendered = tokenizer.apply_chat_template(
-        [{"role": "user", "content": CHAT_PLACEHOLDER}], tokenize=False, add_generation_prompt=True
-    )
-    head_text, tail_text = rendered.split(CHAT_PLACEHOLDER)
-    head = tokenizer(head_text, add_special_tokens=False)["input_ids"]
-    tail = tokenizer(tail_text, add_special_tokens=False)["input_ids"]
+    head, tail = chat_turn_ids(tokenizer)
     length = windows.shape[1]
     room = length - len(head) - len(tail)
     if room < 4:
