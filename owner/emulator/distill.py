@@ -76,6 +76,7 @@ STATE_FILE = "state.safetensors"
 BEST_FILE = "best.safetensors"
 IGNORE_INDEX = -100
 DEFAULT_TOKENS = 393_216  # 768 steps of 4 × 128 tokens: about 22 minutes for SmolLM2 2-8-2 on 2 cores
+OPTIONAL_PARAMS = ("chat_fraction", "sample_fraction", "whiten_weight")  # in a manifest only when not 0
 WHITEN_WINDOWS = 64  # training windows whose teacher states fit the whitening: 8k tokens for 64 directions
 
 
@@ -549,10 +550,8 @@ def build(request: BuildRequest) -> Built:
         "nmse_weight": config.nmse_weight,
         "kd_weight": config.kd_weight,
         "exit_weight": config.exit_weight,
-        # only when set, so that the manifests (and bench cells) of builds without it keep their keys
-        **({"chat_fraction": config.chat_fraction} if config.chat_fraction else {}),
-        **({"sample_fraction": config.sample_fraction} if config.sample_fraction else {}),
-        **({"whiten_weight": config.whiten_weight} if config.whiten_weight else {}),
+        # only when set, so that the manifests (and bench cells) of builds without them keep their keys
+        **{name: getattr(config, name) for name in OPTIONAL_PARAMS if getattr(config, name)},
         "boundaries": len(kept_boundaries(start.block_map, start.adapters or [], depth(request.full.config))),
         "public_text": "gutenberg" if data is None else "data",
         "public_text_sha256": text.sha256,

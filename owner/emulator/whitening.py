@@ -48,7 +48,7 @@ class ExitWhitening:
     def error(self, teacher: torch.Tensor, student: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Mean squared whitened coordinate of teacher − student over the `mask`ed tokens ([batch, seq] bool)."""
         difference = (teacher - student)[mask]
-        return (difference @ self.projection.to(difference.dtype)).pow(2).mean()
+        return (difference @ self.projection.to(difference)).pow(2).mean()  # its device and dtype
 
 
 def fit_exit_whitenings(
