@@ -515,11 +515,14 @@ def build_report(cells: Cells, recipe: Recipe, default_emulator: str, model: str
                 ).as_dict(),
                 **owner_side(groups, emulator),
             }
-    uniform = next((e for e in per_emulator if e.startswith("uniform:")), None)
+    uniforms = [e for e in per_emulator if e.startswith("uniform:")]
     versus_uniform = []
     for emulator in per_emulator:
-        if uniform is None or emulator.startswith("uniform:"):
+        if not uniforms or emulator.startswith("uniform:"):
             continue
+        # Like with like: the uniform drop of the same layout where it was measured, else the first one
+        same_layout = f"uniform:{EmulatorSpec.parse(emulator).layout}"
+        uniform = same_layout if same_layout in uniforms else uniforms[0]
         shared = [t for t in per_emulator[emulator]["tasks"] if t in per_emulator[uniform]["tasks"]]
         if shared:
             difference = stats.suite_difference([(m(t, emulator, "plug_in"), m(t, uniform, "plug_in")) for t in shared])

@@ -162,3 +162,21 @@ def test_the_report_refuses_to_pool_cells_that_disagree(tmp_path: Path) -> None:
 def test_emulator_lists_keep_each_specs_own_options() -> None:
     specs = transfer.split_specs("uniform:2-8-2,distill:2-8-2,exit=30,tokens=98304,crash:2-8-2,share=true")
     assert specs == ["uniform:2-8-2", "distill:2-8-2,exit=30,tokens=98304", "crash:2-8-2,share=true"]
+
+
+def test_an_emulator_is_compared_with_the_uniform_drop_of_its_own_layout(tmp_path: Path) -> None:
+    cells = transfer.Cells(tmp_path)
+    facts = {"task": "custom", "model": "m", "rows_digest": "d", "test_rows": 4, "format": "plain", "metric": "acc"}
+
+    def put(row: str, bits: str, emulator: str | None = None) -> None:
+        where = {"emulator": emulator} if emulator else {}
+        cells.put({**facts, "row": row, **where}, {"acc_bits": bits, "acc_norm_bits": bits})
+
+    put("zero_shot", "0000")
+    for emulator, plug_in in (("uniform:2-8-2", "1000"), ("uniform:3-14-3", "1100"), ("distill:3-14-3", "1110")):
+        put("plug_in", plug_in, emulator)
+        put("emulator_adapter", "1000", emulator)
+    report = transfer.build_report(cells, transfer.Recipe(), "uniform:2-8-2")
+    versus = {v["emulator"]: v for v in report["versus_uniform"]}
+    assert versus["distill:3-14-3"]["uniform"] == "uniform:3-14-3"
+    assert versus["distill:3-14-3"]["mean"] == pytest.approx(0.25)
