@@ -38,7 +38,6 @@ import argparse
 import hashlib
 import json
 import multiprocessing
-import platform
 import statistics
 import sys
 import tempfile
@@ -74,6 +73,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import transfer  # noqa: E402
 from cells import Cells  # noqa: E402
+from machine import machine  # noqa: E402
 from results_files import write_results  # noqa: E402
 from threads import one_thread_if  # noqa: E402
 from transfer import Recipe, TransferBench, load_recipe  # noqa: E402
@@ -207,19 +207,6 @@ class Plan:
     examples: tuple[Example, ...]
     threads: int
     derived: dict[str, Any]  # what only the loaded model gives: fingerprint, emulator id, prompt format
-
-
-def machine() -> str:
-    """The CPU's model and the torch threads, and the GPU where one is there: what the figures were measured on."""
-    cpu = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        names = [
-            line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")
-        ]
-        cpu = names[0] if names else cpu
-    text = f"CPU {cpu}, {torch.get_num_threads()} torch threads"
-    return f"{text}; GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else text
 
 
 def selector(args: argparse.Namespace, setup: Setup, data: TaskData, row: str, repeat: int, where: str) -> dict:

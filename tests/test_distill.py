@@ -24,6 +24,7 @@ from offsite.owner.emulator.distill import (
     gap_exits,
     kept_boundaries,
     nmse,
+    teacher_targets,
 )
 from offsite.owner.emulator.layout import Layout, LayoutError
 from offsite.owner.emulator.public_text import (
@@ -279,11 +280,22 @@ def test_distilled_bundle_loads_in_transformers_and_records_the_run(
         ("uniform:1-2-1,steps=3", "has no option 'steps'"),
         ("distill:1-2-1,steps", "key=value"),
         ("distill:1-2-1,chat=1.5", "fraction in \\[0, 1\\]"),
+        ("distill:1-2-1,teacher=fp16", "bf16 or fp32"),
     ],
 )
 def test_bad_emulator_options_are_explained(text: str, message: str) -> None:
     with pytest.raises(LayoutError, match=message):
         EmulatorSpec.parse(text)
+
+
+def test_a_bf16_teacher_gives_fp32_targets_close_to_the_fp32_teachers(tiny_model_dir) -> None:
+    full = load_model(str(tiny_model_dir("llama"))).model.eval()
+    batch = torch.randint(0, full.config.vocab_size, (2, 16))
+    plain, _ = teacher_targets(full, batch, config_for({}))
+    fast, _ = teacher_targets(full, batch, config_for({"teacher": True}))
+    assert config_for({}).bf16_teacher is False and all(state.dtype == torch.float32 for state in fast)
+    distances = [float(nmse(a, b)) for a, b in zip(plain, fast, strict=True)]
+    assert 0.0 < max(distances) < 1e-3  # rounded, so not the same numbers; but far below any distillation's NMSE
 
 
 def test_too_little_public_text_is_explained(tiny_model_dir, tmp_path: Path) -> None:

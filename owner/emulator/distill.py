@@ -32,6 +32,10 @@ resumes from there after a crash, shows a progress bar, and keeps the checkpoint
 nmse_weight · NMSE at the gap exits) on the first windows of a held-out novel (Frankenstein) that it never trains
 on; the report card scores the last windows of that novel. The adapter blocks, embeddings, final norm and head stay
 frozen, so the bargain (what the data owner may train) does not change.
+
+The teacher's forward is a third to a half of a step (its targets differ per window; the corpus is seen about once,
+so there is nothing to cache). `teacher=bf16` runs it under bf16 autocast, for CPUs and GPUs with bf16 units: its
+targets move by an NMSE of about 1e-4, far below what distillation reaches. bench/distill_throughput.py measures it.
 """
 
 from __future__ import annotations
@@ -76,7 +80,7 @@ STATE_FILE = "state.safetensors"
 BEST_FILE = "best.safetensors"
 IGNORE_INDEX = -100
 DEFAULT_TOKENS = 393_216  # 768 steps of 4 × 128 tokens: about 22 minutes for SmolLM2 2-8-2 on 2 cores
-OPTIONAL_PARAMS = ("chat_fraction", "sample_fraction", "whiten_weight")  # in a manifest only when not 0
+OPTIONAL_PARAMS = ("chat_fraction", "sample_fraction", "whiten_weight", "bf16_teacher")  # in a manifest only when not 0
 WHITEN_WINDOWS = 64  # training windows whose teacher states fit the whitening: 8k tokens for 64 directions
 
 
@@ -93,6 +97,7 @@ class DistillConfig:
     whiten_weight: float = 0.0  # weight of the whitened error at the gap exits (whitening.ExitWhitening)
     chat_fraction: float = 0.0  # of the windows recast as a chat turn in the model's template (public_text.chat_shaped)
     sample_fraction: float = 0.0  # of the windows seen written by the teacher itself (public_text.with_teacher_samples)
+    bf16_teacher: bool = False  # the frozen teacher's forward under bf16 autocast: faster where the CPU has bf16 units
     eval_every: int = 48
     heldout_fraction: float = 0.05  # of a `data=` file; the shipped corpus holds out a whole novel instead
     max_heldout_chunks: int = 32  # keeps each checkpoint evaluation to seconds on CPU
@@ -185,6 +190,16 @@ def logit_kd(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torc
         log_target=True,
         reduction="batchmean",
     )
+
+
+def teacher_targets(
+    full: PreTrainedModel, batch: torch.Tensor, config: DistillConfig
+) -> tuple[tuple[torch.Tensor, ...], torch.Tensor | None]:
+    """The frozen teacher's hidden states for one batch, and its logits when KD needs them; computed once, in fp32."""
+    with torch.no_grad(), torch.autocast(batch.device.type, dtype=torch.bfloat16, enabled=config.bf16_teacher):
+        out = (full if config.kd_weight else full.base_model)(input_ids=batch, output_hidden_states=True)
+    states = tuple(state.float() for state in out.hidden_states)
+    return states, out.logits.float() if config.kd_weight else None
 
 
 class DistillObjective(torch.nn.Module):
@@ -407,10 +422,7 @@ def distill_middle(
             batch = text.train[batch_order(len(text.train), config.batch_size, config.seed, step)]
             if accelerator is not None:  # this process's share of the global batch
                 batch = batch[accelerator.process_index :: accelerator.num_processes].to(accelerator.device)
-            with torch.no_grad():  # the teacher is frozen: its targets for this batch, computed once
-                teacher = (full if config.kd_weight else full.base_model)(input_ids=batch, output_hidden_states=True)
-            teacher_logits = teacher.logits if config.kd_weight else None
-            loss, lm, distance = objective(batch, teacher.hidden_states, teacher_logits)
+            loss, lm, distance = objective(batch, *teacher_targets(full, batch, config))
             for group in optimizer.param_groups:
                 group["lr"] = cosine_lr(config, step)
             if accelerator is not None:
@@ -477,6 +489,13 @@ def non_negative_float(text: str) -> float:
     return value
 
 
+def teacher_precision(text: str) -> bool:
+    """`teacher=bf16` or `teacher=fp32` (the default): True for bf16."""
+    if text not in ("bf16", "fp32"):
+        raise ValueError("must be bf16 or fp32")
+    return text == "bf16"
+
+
 def fraction(text: str) -> float:
     value = float(text)
     if not 0.0 <= value <= 1.0:  # also refuses nan
@@ -494,6 +513,7 @@ OPTIONS: Mapping[str, Callable[[str], Any]] = {
     "sample": fraction,
     "data": Path,
     "place": parse_placement,
+    "teacher": teacher_precision,
 }
 
 
@@ -507,6 +527,7 @@ def config_for(options: Mapping[str, Any]) -> DistillConfig:
         whiten_weight=options.get("whiten", DistillConfig.whiten_weight),
         chat_fraction=options.get("chat", DistillConfig.chat_fraction),
         sample_fraction=options.get("sample", DistillConfig.sample_fraction),
+        bf16_teacher=options.get("teacher", DistillConfig.bf16_teacher),
     )
     if "steps" in options:
         return DistillConfig(**{**asdict(config), "steps": options["steps"]})
