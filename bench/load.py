@@ -2,12 +2,14 @@
 
 Each client is its own tenant and loops: GetModelCard → PullArtifact (the whole emulator; signature and every hash
 verified) → PushAdapter → Evaluate (a few SST-2 dev rows on the pushed adapter) → Represent (64 tokens, top-10
-log-probs) → Generate (8 tokens) → ListAdapters → DeleteAdapter. Meanwhile a prober sends a health check every
-HEALTH_PROBE_SECONDS, as a load balancer would.
+log-probs) → Generate (8 tokens) → ListAdapters → DeleteAdapter. Meanwhile a probe in a process of its own
+(bench/prober.py) sends a small call every 0.1 s (health, model card, listing), as a load balancer would.
 Counts errors and corrupted pulls, and reports p50/p99 latency per RPC and for the two kinds the model queue keeps
-apart: small calls (health, model card, push, list, delete) and model calls (Evaluate, Represent, Generate). Checks
-that the audit log holds exactly one line per mutating request (push, delete). The daemon runs as a subprocess, as
-deployed.
+apart: small calls (health, model card, push, list, delete) and model calls (Evaluate, Represent, Generate). Small
+calls are reported three ways: as the clients and the probe saw them; as the probe alone saw them (free of the load
+generator's own GIL); and as the daemon timed them (the audit log's `duration_ms`: handler time, before the audit
+line is written). Checks that the audit log holds exactly one line per mutating request (push, delete). The daemon
+runs as a subprocess, as deployed.
 
     python bench/load.py --clients 16 --seconds 60    # writes bench/results/load.{json,md}
     python bench/load.py --smoke                       # a tiny random model, 2 clients, seconds; writes to a temp dir
@@ -21,6 +23,7 @@ import os
 import platform
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -29,10 +32,8 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
-import grpc
 import psutil
 import torch
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from offsite.client.connection import Remote, RemoteError
 from offsite.client.demo import start_owner
@@ -50,6 +51,7 @@ from offsite.owner.service import PLUGGED_CACHE_SIZE
 from offsite.owner.store import Store
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from prober import HEALTH  # noqa: E402
 from results_files import write_results  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,12 +60,13 @@ RESULTS = ROOT / "bench" / "results" / "load"
 WHOLE_PULL = "PullArtifact (every file of the emulator)"
 REPRESENT_REQUEST = pb.RepresentRequest(token_ids=list(range(100, 164)), log_probs="top_k", top_k=10)
 GENERATE_REQUEST = pb.GenerateRequest(prompt="The film was", max_new_tokens=8)
-HEALTH = "Health"
-HEALTH_PROBE_SECONDS = 0.1
 SMALL_RPCS = (HEALTH, "GetModelCard", "PushAdapter", "ListAdapters", "DeleteAdapter")
+HEALTH_METHOD = "/grpc.health.v1.Health/Check"
+PROBE_SUFFIX = " (probe)"  # the probe's rows, beside the clients' rows of the same RPC
 MODEL_RPCS = ("Evaluate", "Represent", "Generate")
 MUTATING_RPCS = ("PushAdapter", "DeleteAdapter")  # what changes the store: each must leave one audit line
 RSS_SAMPLE_SECONDS = 0.2
+PROBE_GRACE_SECONDS = 120.0  # past the run's end: the probe's last call may wait on a deadline
 # Models the daemon may hold at once: the loaded one, the plugged cache, one being plugged, one evicted while in use.
 MODEL_COPIES_BOUND = 1 + PLUGGED_CACHE_SIZE + 2
 STREAM_BUFFERS_BOUND = MAX_STREAMS_TOTAL * 2 * MAX_MESSAGE_BYTES  # a message in and one out per stream
@@ -146,15 +149,21 @@ def client_loop(address: str, token: str, adapter: Path, examples: list, until: 
                 shutil.rmtree(target, ignore_errors=True)
 
 
-def health_prober(address: str, until: float, stats: Stats) -> None:
-    with grpc.insecure_channel(address) as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < until:
-            try:
-                stats.timed(HEALTH, health.Check, health_pb2.HealthCheckRequest(), timeout=30)
-            except grpc.RpcError as error:
-                stats.error(f"health: {error.code().name}")
-            time.sleep(HEALTH_PROBE_SECONDS)
+def start_probe(address: str, token: str, seconds: float, out: Path) -> subprocess.Popen:
+    command = [sys.executable, str(Path(__file__).with_name("prober.py")), "--address", address, "--token", token]
+    return subprocess.Popen([*command, "--seconds", str(seconds), "--out", str(out)])
+
+
+def add_probe(stats: Stats, probe: subprocess.Popen, out: Path) -> None:
+    """The probe's latencies and errors, under its own row names, once it has finished."""
+    if probe.wait(PROBE_GRACE_SECONDS) != 0:
+        stats.error(f"the probe exited with {probe.returncode}")
+        return
+    found = json.loads(out.read_text())
+    for name, values in found["latencies"].items():
+        stats.latencies[name + PROBE_SUFFIX].extend(values)
+    for text in found["errors"]:
+        stats.error(f"probe: {text}")
 
 
 def percentile(values: list[float], fraction: float) -> float:
@@ -171,10 +180,11 @@ def latency_row(values: list[float]) -> dict[str, Any]:
     }
 
 
-def audit_by_method(audit: Path, skip: int) -> Counter[str]:
-    """Lines per RPC name in the audit log, past the first `skip` (a reused store's older lines)."""
+def audit_lines(audit: Path, skip: int) -> list[dict[str, Any]]:
+    """The audit log's lines past the first `skip` (a reused store's older lines), with the RPC's name as here."""
     lines = audit.read_text().splitlines()[skip:] if audit.exists() else []
-    return Counter(json.loads(line)["method"].rsplit("/", 1)[-1] for line in lines)
+    found = [{**line, "rpc": line["method"].rsplit("/", 1)[-1]} for line in map(json.loads, lines)]
+    return [{**line, "rpc": HEALTH} if line["method"] == HEALTH_METHOD else line for line in found]
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -182,6 +192,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     store_dir = work / "owner-store"
     store = Store(store_dir)
     tokens = [store.add_tenant(f"load{i}-{os.getpid()}-{int(time.time())}") for i in range(args.clients)]
+    probe_token = store.add_tenant(f"probe-{os.getpid()}-{int(time.time())}")
     store.close()
     audit = store_dir / "audit.jsonl"
     audit_before = audit.read_text().count("\n") if audit.exists() else 0  # a reused store has older lines
@@ -208,20 +219,25 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             )
             thread.start()
             threads.append(thread)
-        prober = threading.Thread(target=health_prober, args=(address, until, stats), daemon=True)
-        prober.start()
-        threads.append(prober)
+        probe_out = work / "probe.json"
+        probe = start_probe(address, probe_token, args.seconds, probe_out)
         for thread in threads:
             thread.join()
+        add_probe(stats, probe, probe_out)
         wall = time.perf_counter() - started
     finally:
         rss.stop()
         owner.terminate()
         owner.wait(60)
-    audited = audit_by_method(audit, audit_before)
+    lines = audit_lines(audit, audit_before)
+    audited = Counter(line["rpc"] for line in lines)
     mutating = {name: {"requests": stats.attempts[name], "audit_lines": audited[name]} for name in MUTATING_RPCS}
     rows = {name: latency_row(values) for name, values in sorted(stats.latencies.items())}
-    small = latency_row([v for name in SMALL_RPCS for v in stats.latencies[name]])
+    small = latency_row(
+        [v for name in SMALL_RPCS for suffix in ("", PROBE_SUFFIX) for v in stats.latencies[name + suffix]]
+    )
+    probed = latency_row([v for name in SMALL_RPCS for v in stats.latencies[name + PROBE_SUFFIX]])
+    in_daemon = latency_row([line["duration_ms"] / 1000 for line in lines if line["rpc"] in SMALL_RPCS])
     model = latency_row([v for name in MODEL_RPCS for v in stats.latencies[name]])
     return {
         "model": args.model,
@@ -238,6 +254,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "audit_one_line_per_mutating_request": all(m["requests"] == m["audit_lines"] for m in mutating.values()),
         "small_rpc_p50_ms": small["p50_ms"],
         "small_rpc_p99_ms": small["p99_ms"],
+        "probe_rpc_p50_ms": probed["p50_ms"],
+        "probe_rpc_p99_ms": probed["p99_ms"],
+        "probe_rpc_calls": probed["calls"],
+        "daemon_small_rpc_p50_ms": in_daemon["p50_ms"],
+        "daemon_small_rpc_p99_ms": in_daemon["p99_ms"],
         "model_rpc_p50_ms": model["p50_ms"],
         "model_rpc_p99_ms": model["p99_ms"],
         "model_rpc_calls": model["calls"],
@@ -263,7 +284,10 @@ def markdown(result: dict[str, Any]) -> str:
         f"artifacts**; the audit log gained {result['audit_lines']} lines, {audit_verdict(result)}.",
         "",
         f"Small calls ({', '.join(SMALL_RPCS)}): p50 {result['small_rpc_p50_ms']} ms, p99 "
-        f"{result['small_rpc_p99_ms']} ms. Model calls ({', '.join(MODEL_RPCS)}): p50 {result['model_rpc_p50_ms']} "
+        f"{result['small_rpc_p99_ms']} ms; from the probe's own process alone ({result['probe_rpc_calls']} calls) "
+        f"p50 {result['probe_rpc_p50_ms']} ms, p99 {result['probe_rpc_p99_ms']} ms; inside the daemon (the audit "
+        f"log's handler times) p50 {result['daemon_small_rpc_p50_ms']} ms, p99 {result['daemon_small_rpc_p99_ms']} "
+        f"ms. Model calls ({', '.join(MODEL_RPCS)}): p50 {result['model_rpc_p50_ms']} "
         f"ms, p99 {result['model_rpc_p99_ms']} ms, {result['model_rpc_calls']} calls.",
         "",
         f"Daemon memory: RSS {result['daemon_rss_at_ready_mib']} MiB at ready, peak "

@@ -333,7 +333,10 @@ def test_the_load_benchmark_smoke_run_reports_both_kinds_of_call_and_a_complete_
     result = load.main(["--smoke"])
     assert result["errors"] == 0 and result["loops"] > 0
     assert result["small_rpc_p99_ms"] > 0 and result["model_rpc_p99_ms"] > 0
-    assert {"Health", "Generate", "Evaluate", "Represent"} <= set(result["rpcs"])
+    # the probe ran in its own process, and the daemon timed the same calls in the audit log
+    assert result["probe_rpc_calls"] > 0 and result["probe_rpc_p99_ms"] > 0 and result["daemon_small_rpc_p99_ms"] > 0
+    assert {"Health (probe)", "GetModelCard (probe)"} <= set(result["rpcs"])
+    assert {"Generate", "Evaluate", "Represent"} <= set(result["rpcs"])
     assert result["audit_one_line_per_mutating_request"], result["audit_mutating"]
     # the daemon's memory was sampled while the clients ran, and its bound is stated (met or not: the bench's verdict)
     assert 0 < result["daemon_rss_at_ready_mib"] <= result["daemon_rss_peak_mib"]
