@@ -7,8 +7,8 @@ UNARY_RESERVE more stay free for health checks and small calls. Past WORKERS cal
 client for STREAM_IDLE_SECONDS, or runs for STREAM_MAX_SECONDS, is cancelled, so idle streams cannot hold slots.
 
 Model forwards do not run on those threads: they queue for MODEL_WORKERS threads of their own (owner/model_queue.py),
-at most MODEL_QUEUE_PER_TENANT calls per tenant and MODEL_QUEUE_TOTAL in all, at MODEL_WORKER_NICENESS, so health
-checks and small calls never wait behind a forward.
+at most MODEL_QUEUE_PER_TENANT calls per tenant and MODEL_QUEUE_TOTAL in all, so health checks and small calls
+never wait behind a forward.
 """
 
 from __future__ import annotations
@@ -42,9 +42,6 @@ MODEL_WORKERS = 1
 MODEL_QUEUE_PER_TENANT = MAX_STREAMS_PER_TENANT
 MODEL_QUEUE_TOTAL = MAX_STREAMS_TOTAL
 MODEL_RETRY_MIN_SECONDS = 1.0  # the least retry hint of a full model queue: a slot rarely frees sooner
-# How far below the gRPC threads the scheduler puts a model worker and the torch threads it starts (Linux): when
-# forwards and small calls want the same cores, the small calls get them at once, not after a forward's time slice
-MODEL_WORKER_NICENESS = 10
 
 Item = TypeVar("Item")
 

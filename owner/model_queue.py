@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import enum
 import math
-import os
-import sys
 import threading
 import time
 from collections import Counter, deque
@@ -28,13 +26,11 @@ from .limits import (
     MODEL_QUEUE_PER_TENANT,
     MODEL_QUEUE_TOTAL,
     MODEL_RETRY_MIN_SECONDS,
-    MODEL_WORKER_NICENESS,
     MODEL_WORKERS,
     LimitExceeded,
 )
 
 CANCEL_POLL_SECONDS = 0.1  # how soon a reader waiting on the model notices that its call ended
-MAX_NICENESS = 19  # the lowest priority Linux schedules
 JOB_SECONDS_WEIGHT = 0.2  # of the newest job in the running mean of job durations, the retry hint
 Result = TypeVar("Result")
 
@@ -102,14 +98,6 @@ class Job:
 
 def _once(work: Callable[[], Result]) -> Iterator[Result]:
     yield work()
-
-
-def _yield_cores_to_small_calls() -> None:
-    """Lowers this thread's priority before its first forward: the torch threads it starts inherit it (Linux)."""
-    if sys.platform == "linux":  # elsewhere a native thread id is not a scheduling id
-        thread = threading.get_native_id()
-        niceness = min(os.getpriority(os.PRIO_PROCESS, thread) + MODEL_WORKER_NICENESS, MAX_NICENESS)
-        os.setpriority(os.PRIO_PROCESS, thread, niceness)
 
 
 class ModelQueue:
@@ -217,7 +205,6 @@ class ModelQueue:
 
     def _work(self) -> None:
         """A worker: runs one step of the next job in turn, until no job waits (a new one starts a worker again)."""
-        _yield_cores_to_small_calls()
         while True:
             with self.lock:
                 job = self._next()

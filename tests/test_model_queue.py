@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 import threading
 import time
@@ -19,7 +18,7 @@ from prometheus_client import CollectorRegistry
 
 from offsite.common.pema.representation import LocalRepresenter
 from offsite.common.rpc import pb
-from offsite.owner.limits import MODEL_RETRY_MIN_SECONDS, MODEL_WORKER_NICENESS
+from offsite.owner.limits import MODEL_RETRY_MIN_SECONDS
 from offsite.owner.metrics import OwnerMetrics
 from offsite.owner.model_queue import CallEnded, Job, ModelQueue, ModelQueueFull
 from offsite.owner.representations import RepresentationBatcher
@@ -225,16 +224,6 @@ def test_a_steps_error_reaches_its_reader_and_frees_the_slot() -> None:
         queue.admit("alice").call(broken)
     assert queue.depths() == {"alice": 0}
     assert queue.admit("alice").call(lambda: 7) == 7
-
-
-@pytest.mark.skipif(sys.platform != "linux", reason="per-thread niceness is Linux's")
-def test_forwards_run_below_the_small_calls_priority() -> None:
-    def own_niceness() -> int:
-        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-
-    caller = own_niceness()
-    assert ModelQueue(workers=1).admit("alice").call(own_niceness) == min(caller + MODEL_WORKER_NICENESS, 19)
-    assert own_niceness() == caller  # the gRPC threads keep theirs
 
 
 # The Represent batcher runs inside the queue
