@@ -134,9 +134,14 @@ def streaming(handler: grpc.RpcMethodHandler) -> tuple[bool, bool]:
 
 
 def rewrap_handler(
-    handler: grpc.RpcMethodHandler, wrap: Callable[[Callable[..., Any]], Callable[..., Any]]
+    handler: grpc.RpcMethodHandler,
+    wrap: Callable[[Callable[..., Any]], Callable[..., Any]],
+    serializes_responses: bool = False,
 ) -> grpc.RpcMethodHandler:
-    """The same kind of handler, its behaviour replaced by `wrap(behaviour)`: how an interceptor wraps any RPC."""
+    """The same kind of handler, its behaviour replaced by `wrap(behaviour)`: how an interceptor wraps any RPC.
+
+    `serializes_responses`: the wrapped behaviour returns (or yields) serialized bytes, which gRPC sends as they are.
+    """
     if handler.request_streaming and handler.response_streaming:
         behavior, factory = handler.stream_stream, grpc.stream_stream_rpc_method_handler
     elif handler.request_streaming:
@@ -148,8 +153,13 @@ def rewrap_handler(
     return factory(
         wrap(behavior),
         request_deserializer=handler.request_deserializer,
-        response_serializer=handler.response_serializer,
+        response_serializer=None if serializes_responses else handler.response_serializer,
     )
+
+
+def _already_bytes(message: bytes) -> bytes:
+    """A handler without a serializer (a generic one) produces bytes already."""
+    return message
 
 
 def _status(context: grpc.ServicerContext, failed: bool) -> grpc.StatusCode:
@@ -172,7 +182,12 @@ class AuditInterceptor(grpc.ServerInterceptor):
         handler = continuation(details)
         if handler is None:
             return None
-        return rewrap_handler(handler, lambda behavior: self._wrap(details.method, behavior, *streaming(handler)))
+        serialize = handler.response_serializer or _already_bytes
+        return rewrap_handler(
+            handler,
+            lambda behavior: self._wrap(details.method, behavior, *streaming(handler), serialize),
+            serializes_responses=True,
+        )
 
     def _notify(self, hook: str, *arguments: Any) -> None:
         for observer in self.observers:
@@ -182,8 +197,14 @@ class AuditInterceptor(grpc.ServerInterceptor):
                 log.exception("%s.%s failed", type(observer).__name__, hook)
 
     def _wrap(
-        self, method: str, behavior: Callable[..., Any], request_streaming: bool, response_streaming: bool
+        self,
+        method: str,
+        behavior: Callable[..., Any],
+        request_streaming: bool,
+        response_streaming: bool,
+        serialize: Callable[[Any], bytes],
     ) -> Callable[..., Any]:
+        """Each response is serialized here, once, and its bytes counted: ByteSize would serialize it a second time."""
         notify = self._notify
 
         def received(call: Call, message: Any) -> None:
@@ -191,10 +212,12 @@ class AuditInterceptor(grpc.ServerInterceptor):
             call.bytes_in += size
             notify("received", call, message, size)
 
-        def sent(call: Call, message: Any) -> None:
-            size = message.ByteSize() if message is not None else 0
+        def sent(call: Call, message: Any) -> bytes | None:
+            data = serialize(message) if message is not None else None
+            size = len(data) if data is not None else 0
             call.bytes_out += size
             notify("sent", call, message, size)
+            return data
 
         def counted_requests(requests: Iterator[Any], call: Call) -> Iterator[Any]:
             for message in requests:
@@ -206,8 +229,7 @@ class AuditInterceptor(grpc.ServerInterceptor):
             failed = True
             try:
                 for message in responses:
-                    sent(call, message)
-                    yield message
+                    yield sent(call, message)
                 failed = False
             finally:
                 notify("finished", call, _status(context, failed))
@@ -225,9 +247,9 @@ class AuditInterceptor(grpc.ServerInterceptor):
                 result = behavior(request, context)
                 if response_streaming:
                     return counted_responses(result, call, context)
-                sent(call, result)
+                data = sent(call, result)
                 notify("finished", call, _status(context, False))
-                return result
+                return data
             except BaseException:
                 notify("finished", call, _status(context, True))
                 raise

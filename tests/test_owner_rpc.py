@@ -218,6 +218,19 @@ def test_model_card(owner: InProcessOwner) -> None:
     assert report.perplexity_ratio == pytest.approx(report.perplexity / report.full_perplexity, rel=1e-3)
 
 
+def test_the_audit_counts_the_bytes_each_response_had_on_the_wire(owner: InProcessOwner) -> None:
+    with owner.remote() as remote:
+        chunks = list(remote.pull(EMULATOR, "model.safetensors", 0))
+        tokens = list(remote.generate(pb.GenerateRequest(prompt="Review: fine", max_new_tokens=3)))
+        card = remote.model_card()
+    lines = [json.loads(line) for line in (owner.store.root / "audit.jsonl").read_text().splitlines()]
+    by_method = {line["method"].rsplit("/", 1)[1]: line for line in lines}
+    assert by_method["PullArtifact"]["bytes_out"] == sum(len(c.SerializeToString()) for c in chunks)
+    assert len(tokens) > 1  # several messages in one stream, each counted once
+    assert by_method["Generate"]["bytes_out"] == sum(len(t.SerializeToString()) for t in tokens)
+    assert by_method["GetModelCard"]["bytes_out"] == len(card.SerializeToString())
+
+
 def test_every_rpc_is_audited_without_payloads(owner: InProcessOwner, trained: Path) -> None:
     with owner.remote() as remote:
         remote.model_card()
