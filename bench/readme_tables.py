@@ -88,11 +88,17 @@ def transfer_targets() -> str:
 
 def transfer_emulators() -> str:
     report = _load("transfer.json")
-    lines = ["| emulator | tasks | emulator + adapter | plug-in |", "|---|---|---:|---:|"]
+    lines = [
+        "| emulator | parameters | tasks | seeds | emulator + adapter | plug-in | plug-in − zero-shot |",
+        "|---|---:|---|---:|---:|---:|---:|",
+    ]
     for emulator, entry in report["per_emulator"].items():
+        seeds = max(len(r["seeds"]) for r in report["runs"] if r["emulator"] == emulator and r["row"] == "plug_in")
+        parameters = entry.get("report_card", {}).get("parameters")
+        shown = f"{parameters / 1e6:.0f}M" if parameters else "—"
         lines.append(
-            f"| {emulator} | {', '.join(entry['tasks'])} | {_points(entry['emulator_adapter'])} "
-            f"| {_points(entry['plug_in'])} |"
+            f"| {emulator} | {shown} | {', '.join(entry['tasks'])} | {seeds} | {_points(entry['emulator_adapter'])} "
+            f"| {_points(entry['plug_in'])} | {_points(entry['plug_in_minus_zero_shot'])} |"
         )
     return "\n".join(lines)
 
@@ -206,6 +212,18 @@ def efficiency_table() -> str:
     return "\n".join(lines)
 
 
+def distill_throughput_table() -> str:
+    report = _load("distill_throughput.json")
+    lines = ["| layout | mode | tokens/s | × plain step | teacher's share of the step |", "|---|---|---:|---:|---:|"]
+    for layout in report["layouts"]:
+        for mode, run in layout["modes"].items():
+            share = f"{run['teacher_share']:.0%}" if run["teacher_share"] else "—"
+            lines.append(
+                f"| {layout['layout']} | {mode} | {run['tokens_per_s']:.0f} | {run['ratio_to_plain']:.2f} | {share} |"
+            )
+    return "\n".join(lines)
+
+
 ROWS = ("zero_shot", "emulator_zero_shot", "emulator_adapter", "plug_in", "ceiling")
 TABLES: dict[str, Callable[[], str]] = {
     "transfer": transfer_table,
@@ -217,6 +235,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "transport": transport_table,
     "load": load_table,
     "efficiency": efficiency_table,
+    "distill-throughput": distill_throughput_table,
 }
 
 

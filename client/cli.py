@@ -43,7 +43,7 @@ def parser() -> argparse.ArgumentParser:
     demo.add_argument("--train-limit", type=int, default=1000)
     demo.add_argument("--eval-limit", type=int, default=872, help="dev rows scored (the sample has 872)")
     demo.add_argument(
-        "--emulator", default=DEFAULT_EMULATOR, help="METHOD:L-N-R[,key=value...], e.g. distill:2-8-2,tokens=50000"
+        "--emulator", default=DEFAULT_EMULATOR, help="METHOD:L-N-R[,key=value...], e.g. distill:3-14-3,tokens=50000"
     )
     demo.add_argument("--method", choices=["lora", "full"], default="lora")
     demo.add_argument("--epochs", type=float, help="default: the training recipe's")
