@@ -9,7 +9,8 @@ Every row trains on the same examples and decodes the same test prompts with the
 - pema_gu_oracle_length: the same, with L the reference's length: an upper bound that leaks the answer, marked so;
 - hybrid: PEMA trained on a memory the pulled emulator built on the data owner's machine, through the owner's
   bridge (owner/emulator/bridge.py, fitted here on the owner's public text), run on the full model's states with
-  GU, as pema_gu is; hybrid_no_bridge: the same without the bridge (first seed only);
+  GU, as pema_gu is; hybrid_constant: the same adapter with λ = λ_max, as pema_constant is; hybrid_no_bridge: GU
+  without the bridge (first seed only);
 - lora_emulator_plug_in: LoRA trained on the emulator and plugged into the full model (offsite-tuning);
 - lora_full: the ceiling, LoRA on every block of the full model, same recipe.
 The PEMA rank is chosen per task on the memory's held-out examples (never the test split). Each trained row runs
@@ -88,6 +89,7 @@ ROWS = (
     "pema_gate",
     "pema_gu_oracle_length",
     "hybrid",
+    "hybrid_constant",
     "hybrid_no_bridge",
     "lora_emulator_plug_in",
     "lora_full",
@@ -363,12 +365,13 @@ class PemaBench:
         """The first reference's length in tokens (end-of-text included): what the reference code's L is."""
         return [len(encode(self.tokenizer, f" {refs[0]}", special=False)) + 1 for refs in task.references]
 
-    def hybrid(self, task: Task, seed: int, source: str = "hybrid") -> dict[str, Any]:
-        """Run with GU, as pema_gu is: the target compares the two gains like with like."""
+    def hybrid(self, task: Task, seed: int, source: str = "hybrid", schedule: str = GRADUAL) -> dict[str, Any]:
+        """Run with GU as pema_gu is, or with constant λ as pema_constant is: the targets compare like with like."""
         rank = self.rank(task)
+        row = "hybrid_no_bridge" if source != "hybrid" else "hybrid_constant" if schedule == CONSTANT else "hybrid"
         facts = self.facts(
             task,
-            "hybrid" if source == "hybrid" else "hybrid_no_bridge",
+            row,
             seed=seed,
             rank=rank,
             pema=asdict(self.pema_config),
@@ -377,12 +380,12 @@ class PemaBench:
         cell = self.cells.get(facts)
         if cell is None:
             adapter, config, training = self.pema(task, source, seed, rank)
-            gradual = replace(config, schedule=GRADUAL)
+            scheduled = replace(config, schedule=schedule)
             decoded = self.decode(
                 self.full,
                 task,
-                lambda _first: pema_policy(adapter, self.head, gradual, task.max_new_tokens),  # one per batch
-                f"{source} seed {seed}",
+                lambda _first: pema_policy(adapter, self.head, scheduled, task.max_new_tokens),  # one per batch
+                f"{row} seed {seed}",
             )
             cell = self.cells.put(facts, {"seed": seed, **decoded, **training})
         return cell
@@ -434,6 +437,8 @@ class PemaBench:
                 self.pema_rows(task, seed)
             if "hybrid" in rows:
                 self.hybrid(task, seed)
+            if "hybrid_constant" in rows:
+                self.hybrid(task, seed, schedule=CONSTANT)
             if "hybrid_no_bridge" in rows and seed == seeds[0]:
                 self.hybrid(task, seed, "emulator")
             if "lora_emulator_plug_in" in rows:
@@ -445,14 +450,19 @@ class PemaBench:
 # ---- report
 
 
-def build_report(cells: Cells, tasks: dict[str, Task]) -> dict[str, Any]:
-    """Per task × row: BLEU and chrF with CIs over seeds and inputs; paired comparisons; the issue's targets."""
+def build_report(cells: Cells, tasks: dict[str, Task], emulator_id: str) -> dict[str, Any]:
+    """Per task × row: BLEU and chrF with CIs over seeds and inputs; paired comparisons; the issue's targets.
+
+    Rows that depend on the emulator (hybrid, LoRA on the emulator) count only `emulator_id`'s cells; the others are
+    shared by every emulator's report."""
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     selections: dict[str, dict[str, Any]] = {}
     for cell in cells.all():
         task = tasks.get(cell["task"])
         if task is None or cell["task_digest"] != task.digest():
             continue  # another split or another task size
+        if cell.get("emulator_id", emulator_id) != emulator_id:
+            continue  # another emulator's report
         if cell["row"].startswith("selection_"):
             selections.setdefault(cell["task"], {})[cell["row"].removeprefix("selection_")] = cell
         elif cell["row"] in ROWS:
@@ -503,6 +513,7 @@ def build_report(cells: Cells, tasks: dict[str, Task]) -> dict[str, Any]:
         best_pema = max(schedules, key=lambda r: bleu(slug, r)) if schedules else None
         pairs = [("pema_gate", s) for s in ("pema_constant", "pema_gu")] + [
             ("hybrid", "zero_shot"),
+            ("hybrid_constant", "zero_shot"),
             ("pema_gu", "zero_shot"),
             ("lora_emulator_plug_in", "zero_shot"),
             ("lora_full", "zero_shot"),
@@ -519,6 +530,10 @@ def build_report(cells: Cells, tasks: dict[str, Task]) -> dict[str, Any]:
             remote_gain = bleu(slug, "pema_gu") - zs
             ratio = (bleu(slug, "hybrid") - zs) / remote_gain if remote_gain > 0 else None
             targets.append(_target(slug, "hybrid gain ≥ 80% of remote PEMA's (GU)", ratio, 0.8))
+        if zs is not None and "hybrid_constant" in present and "pema_constant" in present:
+            remote_gain = bleu(slug, "pema_constant") - zs
+            ratio = (bleu(slug, "hybrid_constant") - zs) / remote_gain if remote_gain > 0 else None
+            targets.append(_target(slug, "hybrid gain ≥ 80% of remote PEMA's (constant λ)", ratio, 0.8))
         if best_pema and "lora_full" in present:
             ratio = bleu(slug, best_pema) / bleu(slug, "lora_full") if bleu(slug, "lora_full") else None
             targets.append(_target(slug, f"PEMA ({best_pema}) ≥ 90% of full-model LoRA", ratio, 0.9))
@@ -567,7 +582,8 @@ ROW_NAMES = {
     "pema_gu": "PEMA, Gradual Unrolling (L predicted)",
     "pema_gate": "PEMA, learned gate",
     "pema_gu_oracle_length": "PEMA, GU with the reference's length (upper bound, leaks)",
-    "hybrid": "hybrid PEMA (emulator memory, bridged)",
+    "hybrid": "hybrid PEMA (emulator memory, bridged), GU",
+    "hybrid_constant": "hybrid PEMA (emulator memory, bridged), constant λ",
     "hybrid_no_bridge": "hybrid PEMA without the bridge",
     "lora_emulator_plug_in": "LoRA on the emulator, plugged in",
     "lora_full": "LoRA on every block of the full model (ceiling)",
@@ -746,7 +762,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     started = time.perf_counter()
     tasks = load_tasks(args)
-    meta: dict[str, Any] = {"device": f"CPU ({platform.machine()}), torch threads {torch.get_num_threads()}"}
+    meta: dict[str, Any] = {
+        "device": f"CPU ({platform.machine()}), torch threads {torch.get_num_threads()}",
+        "emulator": EmulatorSpec.parse(args.emulator).id,
+    }
     if not args.report:
         bench = PemaBench(args)
         rows = [r for r in args.rows.split(",") if r]
@@ -765,7 +784,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         meta = {**json.loads(previous.read_text()).get("meta", {}), **meta}
     # every task's cells, not only those run now: a run of one task must not drop another's table
     every_task = {**load_tasks(args, [t for t in TASKS if t not in tasks]), **tasks}
-    report = build_report(Cells(Path(args.cells)), every_task)
+    report = build_report(Cells(Path(args.cells)), every_task, EmulatorSpec.parse(args.emulator).id)
     report["meta"] = {**meta, "seconds_this_run": round(time.perf_counter() - started, 1)}
     report["out"] = str(out)
     write_results(out, report, markdown(report, report["meta"]))

@@ -134,11 +134,12 @@ def demo_table() -> str:
     return "\n".join(lines)
 
 
-def pema_table() -> str:
-    result = _load("pema.json")
+def pema_table(name: str = "pema.json", only: tuple[str, ...] = ()) -> str:
+    """Every row of a PEMA report, or `only` those, in the benchmark's own order."""
+    result = _load(name)
     tasks = [t for t in result["tasks"] if any(r["task"] == t for r in result["runs"])]
     runs = {(r["task"], r["row"]): r for r in result["runs"]}
-    rows = list(dict.fromkeys(r["row"] for r in result["runs"]))  # the benchmark's own row order
+    rows = [r for r in dict.fromkeys(r["row"] for r in result["runs"]) if not only or r in only]
     names = [result["tasks"][t]["name"] for t in tasks]
     lines = [
         "| row | " + " | ".join(f"{n}: BLEU [95% CI], seeds" for n in names) + " |",
@@ -232,6 +233,12 @@ TABLES: dict[str, Callable[[], str]] = {
     "transfer-layouts": transfer_layouts_table,
     "demo": demo_table,
     "pema": pema_table,
+    # the rows that depend on the emulator, at the product's default one (the table above: distill:2-8-2)
+    "pema-default-emulator": lambda: pema_table(
+        "pema_distill_3-14-3.json",
+        ("zero_shot", "pema_constant", "pema_gu", "hybrid", "hybrid_constant", "hybrid_no_bridge")
+        + ("lora_emulator_plug_in",),
+    ),
     "transport": transport_table,
     "load": load_table,
     "efficiency": efficiency_table,

@@ -31,19 +31,28 @@ def test_smoke_run_fills_every_row_with_cis_and_resumes_from_its_cells() -> None
         assert rows[(task, "pema_gate")]["seeds"] == [0, 1]
         assert rows[(task, "zero_shot")]["seeds"] == [0] and rows[(task, "hybrid_no_bridge")]["seeds"] == [0]
         assert report["selections"][task]["rank"]["rank"] in (4, 8)  # chosen on held-out examples
-    wanted = {"gate ≥ the better of constant λ and GU", "hybrid gain ≥ 80% of remote PEMA's (GU)"}
+    wanted = {
+        "gate ≥ the better of constant λ and GU",
+        "hybrid gain ≥ 80% of remote PEMA's (GU)",
+        "hybrid gain ≥ 80% of remote PEMA's (constant λ)",
+    }
     assert wanted <= {t["target"] for t in report["targets"]}
     card = report["meta"]["bridge"]["card"]
     assert card["nmse_after"] < card["nmse_before"], "the owner's bridge brings the emulator's states closer"
     out = Path(report["out"])
     assert out.with_suffix(".png").is_file() and out.with_suffix(".md").is_file()
     assert json.loads(out.with_suffix(".json").read_text())["runs"] == report["runs"]
-    # --report rebuilds the same figures from the cells alone, without a model
+    # another emulator's cell of the same seed belongs to that emulator's report, not to this one
     cells = Path(report["out"]).parent / "cells"
-    again = pema.main(
-        ["--report", "--cells", str(cells), "--out", str(out), "--train", "24", "--test", "6", "--max-new-tokens", "8"]
-    )
+    hybrid = json.loads(next(cells.glob("e2e-hybrid-*.json")).read_text())
+    (cells / "e2e-hybrid-another-emulator.json").write_text(json.dumps({**hybrid, "emulator_id": "distill-9-9-9"}))
+    # --report rebuilds the same figures from the cells alone, without a model
+    sizes = ["--train", "24", "--test", "6", "--max-new-tokens", "8"]
+    again = pema.main(["--report", "--cells", str(cells), "--out", str(out), "--emulator", "uniform:1-2-1", *sizes])
     assert again["runs"] == report["runs"]
+    elsewhere = ["--out", str(out) + "-other", "--emulator", "distill:9-9-9"]
+    other = pema.main(["--report", "--cells", str(cells), *elsewhere, *sizes])
+    assert {r["row"] for r in other["runs"] if r["task"] == "e2e" and r["row"].startswith("hybrid")} == {"hybrid"}
 
 
 def test_corpus_bootstrap_separates_a_better_system_and_not_a_copy() -> None:
