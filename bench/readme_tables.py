@@ -236,8 +236,15 @@ TABLES: dict[str, Callable[[], str]] = {
     # the rows that depend on the emulator, at the product's default one (the table above: distill:2-8-2)
     "pema-default-emulator": lambda: pema_table(
         "pema_distill_3-14-3.json",
-        ("zero_shot", "pema_constant", "pema_gu", "hybrid", "hybrid_constant", "hybrid_no_bridge")
-        + ("lora_emulator_plug_in",),
+        (
+            "zero_shot",
+            "pema_constant",
+            "pema_gu",
+            "hybrid",
+            "hybrid_constant",
+            "hybrid_no_bridge",
+            "lora_emulator_plug_in",
+        ),
     ),
     "transport": transport_table,
     "load": load_table,
