@@ -145,12 +145,13 @@ def public_fidelity(bench: transfer.TransferBench, task: str, spec: str) -> dict
     to share the emulator's cell facts; the text is the same for every task.)
     """
     facts = {**bench.emulator_facts(bench.task(task), "exit_fidelity_public", spec), "windows": PUBLIC_WINDOWS}
+    return measured_fidelity(bench, facts, spec, public_windows(bench))
 
-    def windows() -> Iterator[torch.Tensor]:
-        text = load_chunks(bench.tokenizer, GUTENBERG_TEXT, SEQ_LEN, 0.0, heldout_path=GUTENBERG_HELDOUT_TEXT)
-        yield from text.heldout[-PUBLIC_WINDOWS:].split(4)
 
-    return measured_fidelity(bench, facts, spec, windows())
+def public_windows(bench: transfer.TransferBench) -> Iterator[torch.Tensor]:
+    """The held-out novel's last PUBLIC_WINDOWS windows of ids, in batches of 4."""
+    text = load_chunks(bench.tokenizer, GUTENBERG_TEXT, SEQ_LEN, 0.0, heldout_path=GUTENBERG_HELDOUT_TEXT)
+    yield from text.heldout[-PUBLIC_WINDOWS:].split(4)
 
 
 def measured_fidelity(

@@ -1,4 +1,5 @@
-"""The fidelity diagnostic's blend: α = 1 makes the emulator's top adapter block read the full model's state."""
+"""The transfer diagnostics' hooks on the gap exit: the fidelity blend (α = 1 makes the emulator's top adapter block
+read the full model's state) and the exit-error noise (training forwards only, never the sink)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from offsite.owner.emulator import EmulatorSpec, build_emulator
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
+import transfer_exit_noise  # noqa: E402
 import transfer_fidelity  # noqa: E402
 
 
@@ -46,3 +48,23 @@ def test_band_fidelity_is_one_for_a_perfect_student_and_near_zero_for_an_unrelat
     assert [b["directions"] for b in perfect] == ["1-4", "5-16", "17-64", "65-128", "129-256", "257-300"]
     assert all(b["correlation"] > 0.999 and b["error_ratio"] < 1e-6 for b in perfect)
     assert all(abs(b["correlation"]) < 0.1 and b["error_ratio"] > 1.5 for b in unrelated)
+
+
+def test_exit_noise_perturbs_training_forwards_only_and_never_the_sink(tiny_model_dir, tmp_path: Path) -> None:
+    loaded = load_model(str(tiny_model_dir("llama")))
+    key = load_or_create_private_key(tmp_path / "key.pem")
+    spec = EmulatorSpec.parse(f"uniform:{TINY_LAYOUT}")
+    out = tmp_path / "emulator"
+    manifest = build_emulator(loaded.model, loaded.tokenizer, spec, out, key, fingerprint(loaded.model), "tiny", False)
+    ids = torch.tensor([[5, 9, 17, 3, 40, 8]])
+    plain = AutoModelForCausalLM.from_pretrained(out).eval()
+    noisy = AutoModelForCausalLM.from_pretrained(out).eval()
+    width = noisy.config.hidden_size
+    transfer_exit_noise.noisy_exit(noisy, manifest, torch.eye(width))
+    with torch.no_grad():
+        reference = plain(input_ids=ids).logits
+        torch.testing.assert_close(noisy(input_ids=ids).logits, reference)  # scoring: no noise
+        noisy.train()
+        perturbed = noisy(input_ids=ids).logits
+    torch.testing.assert_close(perturbed[:, 0], reference[:, 0])  # the sink's state is left alone
+    assert (perturbed[:, 1:] - reference[:, 1:]).abs().max() > 1e-3
