@@ -10,7 +10,8 @@ Every row trains on the same examples and decodes the same test prompts with the
 - hybrid: PEMA trained on a memory the pulled emulator built on the data owner's machine, through the owner's
   bridge (owner/emulator/bridge.py, fitted here on the owner's public text), run on the full model's states with
   GU, as pema_gu is; hybrid_constant: the same adapter with λ = λ_max, as pema_constant is; hybrid_no_bridge: GU
-  without the bridge (first seed only);
+  without the bridge (first seed only); hybrid_key_noise, hybrid_key_noise_constant: the hybrid trained with key
+  noise (`--key-noise` × the bridge's residual covariance; common/pema/training.py), GU and λ = λ_max;
 - lora_emulator_plug_in: LoRA trained on the emulator and plugged into the full model (offsite-tuning);
 - lora_full: the ceiling, LoRA on every block of the full model, same recipe.
 The PEMA rank is chosen per task on the memory's held-out examples (never the test split). Each trained row runs
@@ -60,7 +61,7 @@ from offsite.common.generation.steppers import LocalStepper
 from offsite.common.model_loading import ensure_pad_token, fingerprint, load_model
 from offsite.common.pema.adapter import PemaAdapter
 from offsite.common.pema.bundle import load_pema, save_pema
-from offsite.common.pema.config import CONSTANT, GATE, GRADUAL, PemaConfig
+from offsite.common.pema.config import CONSTANT, GATE, GRADUAL, HYBRID_KEY_NOISE, PemaConfig
 from offsite.common.pema.head import Head
 from offsite.common.pema.memory import Memory
 from offsite.common.pema.policy import pema_policy
@@ -91,12 +92,27 @@ ROWS = (
     "hybrid",
     "hybrid_constant",
     "hybrid_no_bridge",
+    "hybrid_key_noise",
+    "hybrid_key_noise_constant",
     "lora_emulator_plug_in",
     "lora_full",
 )
 PEMA_ROWS = {"pema_constant": CONSTANT, "pema_gu": GRADUAL, "pema_gate": GATE}
 # each hybrid row against the remote row of the same schedule: the 80%-of-the-gain targets
-HYBRID_VERSUS_REMOTE = (("hybrid", "pema_gu", "GU"), ("hybrid_constant", "pema_constant", "constant λ"))
+HYBRID_VERSUS_REMOTE = (
+    ("hybrid", "pema_gu", "GU"),
+    ("hybrid_constant", "pema_constant", "constant λ"),
+    ("hybrid_key_noise", "pema_gu", "key noise, GU"),
+    ("hybrid_key_noise_constant", "pema_constant", "key noise, constant λ"),
+)
+# the hybrid rows: (source of the memory, schedule, train with key noise)
+HYBRID_ROWS = {
+    "hybrid": ("hybrid", GRADUAL, False),
+    "hybrid_constant": ("hybrid", CONSTANT, False),
+    "hybrid_no_bridge": ("emulator", GRADUAL, False),
+    "hybrid_key_noise": ("hybrid", GRADUAL, True),
+    "hybrid_key_noise_constant": ("hybrid", CONSTANT, True),
+}
 RANKS = (64, 128, 256)  # the bottleneck sweep; d = 576 on SmolLM2-135M
 STOP = ("\n",)  # every task answers in one line
 DEFAULT_EMULATOR = "distill:2-8-2"
@@ -289,15 +305,23 @@ class PemaBench:
             seconds_file.write_text(f"{time.perf_counter() - started:.1f}\n")
         return Memory.open(directory), float(seconds_file.read_text())
 
-    def pema(self, task: Task, source: str, seed: int, rank: int) -> tuple[PemaAdapter, PemaConfig, dict]:
-        """One PEMA adapter (with its gate and length predictor), cached as a bundle."""
+    def pema(
+        self, task: Task, source: str, seed: int, rank: int, key_noise: float = 0.0
+    ) -> tuple[PemaAdapter, PemaConfig, dict]:
+        """One PEMA adapter (with its gate and length predictor), cached as a bundle; `key_noise` scales the
+        bridge's residual factor as training noise (hybrid memories only)."""
         config = replace(self.pema_config, rank=rank, seed=seed)
-        directory = self.work / f"{task.slug}-{task.digest()}-{source}-pema-r{rank}-s{seed}"
+        noise_tag = f"-noise{key_noise:g}" if key_noise else ""
+        directory = self.work / f"{task.slug}-{task.digest()}-{source}-pema-r{rank}-s{seed}{noise_tag}"
         facts_file = directory / "training.json"
         memory, memory_seconds = self.memory(task, source)
         if not facts_file.is_file():
             head = self.head  # the emulator's final norm and head are the full model's own
-            adapter, report = train_pema(memory, head, config, show_progress=self.args.progress)
+            residual = self.bridge()[0].residual
+            if key_noise and residual is None:
+                raise SystemExit(f"the cached bridge in {self.work} has no residual: delete bridge-* there to refit")
+            noise = residual * key_noise if key_noise and residual is not None else None
+            adapter, report = train_pema(memory, head, config, show_progress=self.args.progress, key_noise=noise)
             directory.mkdir(parents=True, exist_ok=True)
             save_pema(adapter, config, directory)
             facts = {
@@ -367,10 +391,11 @@ class PemaBench:
         """The first reference's length in tokens (end-of-text included): what the reference code's L is."""
         return [len(encode(self.tokenizer, f" {refs[0]}", special=False)) + 1 for refs in task.references]
 
-    def hybrid(self, task: Task, seed: int, source: str = "hybrid", schedule: str = GRADUAL) -> dict[str, Any]:
+    def hybrid(self, task: Task, seed: int, row: str) -> dict[str, Any]:
         """Run with GU as pema_gu is, or with constant λ as pema_constant is: the targets compare like with like."""
         rank = self.rank(task)
-        row = "hybrid_no_bridge" if source != "hybrid" else "hybrid_constant" if schedule == CONSTANT else "hybrid"
+        source, schedule, noisy = HYBRID_ROWS[row]
+        key_noise = self.args.key_noise if noisy else 0.0
         facts = self.facts(
             task,
             row,
@@ -378,10 +403,11 @@ class PemaBench:
             rank=rank,
             pema=asdict(self.pema_config),
             emulator_id=self.emulator_manifest["id"],
+            **({"key_noise": key_noise} if noisy else {}),
         )
         cell = self.cells.get(facts)
         if cell is None:
-            adapter, config, training = self.pema(task, source, seed, rank)
+            adapter, config, training = self.pema(task, source, seed, rank, key_noise)
             scheduled = replace(config, schedule=schedule)
             decoded = self.decode(
                 self.full,
@@ -437,12 +463,9 @@ class PemaBench:
         for seed in seeds:
             if any(r in rows for r in (*PEMA_ROWS, "pema_gu_oracle_length")):
                 self.pema_rows(task, seed)
-            if "hybrid" in rows:
-                self.hybrid(task, seed)
-            if "hybrid_constant" in rows:
-                self.hybrid(task, seed, schedule=CONSTANT)
-            if "hybrid_no_bridge" in rows and seed == seeds[0]:
-                self.hybrid(task, seed, "emulator")
+            for row in HYBRID_ROWS:
+                if row in rows and (row != "hybrid_no_bridge" or seed == seeds[0]):
+                    self.hybrid(task, seed, row)
             if "lora_emulator_plug_in" in rows:
                 self.lora_emulator(task, seed)
             if "lora_full" in rows:
@@ -516,6 +539,10 @@ def build_report(cells: Cells, tasks: dict[str, Task], emulator_id: str) -> dict
         pairs = [("pema_gate", s) for s in ("pema_constant", "pema_gu")] + [
             ("hybrid", "zero_shot"),
             ("hybrid_constant", "zero_shot"),
+            ("hybrid_key_noise", "zero_shot"),
+            ("hybrid_key_noise_constant", "zero_shot"),
+            ("hybrid_key_noise", "hybrid"),
+            ("hybrid_key_noise_constant", "hybrid_constant"),
             ("pema_gu", "zero_shot"),
             ("lora_emulator_plug_in", "zero_shot"),
             ("lora_full", "zero_shot"),
@@ -584,6 +611,8 @@ ROW_NAMES = {
     "hybrid": "hybrid PEMA (emulator memory, bridged), GU",
     "hybrid_constant": "hybrid PEMA (emulator memory, bridged), constant λ",
     "hybrid_no_bridge": "hybrid PEMA without the bridge",
+    "hybrid_key_noise": "hybrid PEMA trained with key noise, GU",
+    "hybrid_key_noise_constant": "hybrid PEMA trained with key noise, constant λ",
     "lora_emulator_plug_in": "LoRA on the emulator, plugged in",
     "lora_full": "LoRA on every block of the full model (ceiling)",
 }
@@ -714,6 +743,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--pema-epochs", type=int, default=5)
     parser.add_argument("--ranks", default=",".join(map(str, RANKS)))
     parser.add_argument("--lambda-max", type=float, default=PemaConfig.lambda_max)
+    parser.add_argument(
+        "--key-noise", type=float, default=HYBRID_KEY_NOISE, help="the key-noise rows' scale of the bridge's residual"
+    )
     parser.add_argument("--lora-epochs", type=float, default=2.0)
     parser.add_argument("--report", action="store_true", help="only rebuild the results from the cells")
     parser.add_argument("--smoke", action="store_true", help="a tiny random model on a few rows, in seconds")

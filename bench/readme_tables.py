@@ -243,6 +243,8 @@ TABLES: dict[str, Callable[[], str]] = {
             "hybrid",
             "hybrid_constant",
             "hybrid_no_bridge",
+            "hybrid_key_noise",
+            "hybrid_key_noise_constant",
             "lora_emulator_plug_in",
         ),
     ),

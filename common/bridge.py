@@ -4,7 +4,8 @@ The owner fits it on public text (owner/emulator/bridge.py) and ships it inside 
 `bridge.safetensors` (`weight` [d, d], `bias` [d]), listed, hashed and signed in `offsite.json` like every other
 file, whose `bridge` entry names the file and the hidden size. A hybrid memory built on the data owner's machine
 passes every emulator state through it, so the PEMA adapter trains on keys near the full model's f(x), the states it
-is applied to at generation time.
+is applied to at generation time. A bridge may also ship `residual` [d, d]: a factor R of the covariance R·Rᵀ of what
+it leaves (f − W·e − b) on held-out public text, with which hybrid PEMA trains on noisy keys (common/pema/training.py).
 """
 
 from __future__ import annotations
@@ -22,13 +23,14 @@ from .contract import BRIDGE_WEIGHTS_FILE
 from .manifest import BundleError
 from .pema.representation import Representer
 
-WEIGHT, BIAS = "weight", "bias"
+WEIGHT, BIAS, RESIDUAL = "weight", "bias", "residual"
 
 
 @dataclass(frozen=True)
 class Bridge:
     weight: torch.Tensor  # [d, d], nn.Linear's layout: output i is weight[i] · e
     bias: torch.Tensor  # [d]
+    residual: torch.Tensor | None = None  # [d, d] R, R·Rᵀ = the covariance of f − (W·e + b) on held-out text
 
     @property
     def hidden_size(self) -> int:
@@ -40,6 +42,8 @@ class Bridge:
 
     def save(self, path: Path) -> None:
         tensors = {WEIGHT: self.weight.float().contiguous(), BIAS: self.bias.float().contiguous()}
+        if self.residual is not None:
+            tensors[RESIDUAL] = self.residual.float().contiguous()
         save_file(tensors, str(path))
 
     @classmethod
@@ -49,10 +53,15 @@ class Bridge:
             tensors = load_file(str(path))
         except (SafetensorError, OSError) as error:
             raise BundleError(f"{path}: not a readable safetensors file ({error})") from None
-        if set(tensors) != {WEIGHT, BIAS}:
-            raise BundleError(f"{path}: holds {sorted(tensors)}, expected exactly {WEIGHT!r} and {BIAS!r}")
-        for name, shape in ((WEIGHT, [hidden_size, hidden_size]), (BIAS, [hidden_size])):
-            tensor = tensors[name]
+        if not {WEIGHT, BIAS} <= set(tensors) <= {WEIGHT, BIAS, RESIDUAL}:
+            raise BundleError(
+                f"{path}: holds {sorted(tensors)}, expected {WEIGHT!r} and {BIAS!r} (and optionally {RESIDUAL!r})"
+            )
+        square = [hidden_size, hidden_size]
+        for name, shape in ((WEIGHT, square), (BIAS, [hidden_size]), (RESIDUAL, square)):
+            tensor = tensors.get(name)
+            if tensor is None:
+                continue
             if list(tensor.shape) != shape:
                 raise BundleError(
                     f"{path}: {name} has shape {list(tensor.shape)}, but the emulator's hidden size "
@@ -60,7 +69,8 @@ class Bridge:
                 )
             if not tensor.is_floating_point() or not torch.isfinite(tensor).all():
                 raise BundleError(f"{path}: {name} must hold finite floating-point values")
-        return cls(tensors[WEIGHT].float(), tensors[BIAS].float())
+        residual = tensors.get(RESIDUAL)
+        return cls(tensors[WEIGHT].float(), tensors[BIAS].float(), None if residual is None else residual.float())
 
 
 def bundle_bridge(directory: Path, manifest: dict[str, Any], hidden_size: int) -> Bridge | None:

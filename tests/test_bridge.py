@@ -19,20 +19,22 @@ from transformers import PreTrainedModel
 from offsite.client.cli import main as client_main
 from offsite.client.local_model import load_bridge, load_emulator
 from offsite.client.memory import build_memory_local, hybrid_representer
+from offsite.client.training.pema import train_pema_bundle
 from offsite.common.architectures import blocks
 from offsite.common.bridge import Bridge, BridgedRepresenter
 from offsite.common.contract import BRIDGE_WEIGHTS_FILE
 from offsite.common.manifest import BundleError, read_manifest, write_manifest
 from offsite.common.model_loading import fingerprint, load_model
+from offsite.common.pema.config import HYBRID_KEY_NOISE, PemaConfig
 from offsite.common.pema.memory import Memory
 from offsite.common.pema.representation import LocalRepresenter, teacher_forcing
 from offsite.owner.cli import main as owner_main
 from offsite.owner.emulator import EmulatorSpec, build_emulator
-from offsite.owner.emulator.bridge import build_bridge, fit_bridge
+from offsite.owner.emulator.bridge import build_bridge, fit_bridge, paired_states
 from offsite.owner.emulator.bundle import materialize
 from offsite.owner.emulator.layout import LayoutError
-from offsite.owner.emulator.public_text import GUTENBERG_TEXT, read_public_text, token_chunks
-from offsite.owner.emulator.report_card import ReleaseRefused, check_release
+from offsite.owner.emulator.public_text import GUTENBERG_HELDOUT_TEXT, GUTENBERG_TEXT, read_public_text, token_chunks
+from offsite.owner.emulator.report_card import ReleaseRefused, check_release, heldout_windows
 
 FIT_WINDOWS = 32
 SINK_SCALE = 1e4  # SmolLM2's sink sits ~100 times above ordinary states; this is far beyond it
@@ -94,6 +96,35 @@ def test_the_bridge_brings_held_out_states_closer_to_the_full_models(tiny, emula
     assert card.cosine_after > card.cosine_before
     assert card.positions > 0 and published.facts["fit_rows"] > 0
     assert published.facts["hidden_size"] == published.bridge.hidden_size == tiny.model.config.hidden_size
+
+
+def test_the_bridge_ships_its_held_out_residual_covariance(tiny, emulator) -> None:
+    published = build_bridge(tiny.model, emulator, tiny.tokenizer)
+    windows, _ = heldout_windows(tiny.tokenizer, GUTENBERG_HELDOUT_TEXT)
+    pairs = list(paired_states(emulator, tiny.model, windows, tiny.tokenizer.bos_token_id))
+    residual = torch.cat([p.full - published.bridge.apply(p.emulator) for p in pairs]).double()
+    factor = published.bridge.residual
+    assert factor is not None and published.facts["residual"]
+    torch.testing.assert_close((factor @ factor.T).double(), torch.cov(residual.T), atol=1e-4, rtol=1e-3)
+
+
+def test_hybrid_pema_trains_with_key_noise_only_on_a_bridged_memory(bundle, tmp_path: Path) -> None:
+    directory, _ = bundle
+    examples = sentiment_examples(6)
+    config = PemaConfig(rank=4, max_epochs=1, gate_width=0, length_predictor=False)
+    facts = {}
+    for name, bridge in (("bridged", True), ("plain", False)):
+        memory = tmp_path / f"memory-{name}"
+        build_memory_local(directory, examples, memory, "float32", MAX_LENGTH, show_progress=False, bridge=bridge)
+        trained = train_pema_bundle(memory, directory, config, tmp_path / f"pema-{name}", show_progress=False)
+        facts[name] = trained["key_noise"], read_manifest(tmp_path / f"pema-{name}")["training"]["key_noise"]
+    assert facts == {"bridged": (HYBRID_KEY_NOISE,) * 2, "plain": (0.0, 0.0)}
+    with pytest.raises(ValueError, match="key noise must be >= 0"):
+        memory = tmp_path / "memory-bridged"
+        train_pema_bundle(memory, directory, config, tmp_path / "bad", show_progress=False, key_noise=-1.0)
+    emulator, _, manifest = load_emulator(directory)
+    bridge = load_bridge(directory, manifest, emulator)
+    assert bridge is not None and bridge.residual is not None  # shipped in the signed bundle, and read back
 
 
 def test_an_enormous_sink_state_does_not_change_the_fit(tiny, emulator, windows) -> None:

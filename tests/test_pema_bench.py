@@ -35,6 +35,7 @@ def test_smoke_run_fills_every_row_with_cis_and_resumes_from_its_cells() -> None
         "gate ≥ the better of constant λ and GU",
         "hybrid gain ≥ 80% of remote PEMA's (GU)",
         "hybrid gain ≥ 80% of remote PEMA's (constant λ)",
+        "hybrid gain ≥ 80% of remote PEMA's (key noise, GU)",
     }
     assert wanted <= {t["target"] for t in report["targets"]}
     card = report["meta"]["bridge"]["card"]
@@ -42,6 +43,8 @@ def test_smoke_run_fills_every_row_with_cis_and_resumes_from_its_cells() -> None
     out = Path(report["out"])
     assert out.with_suffix(".png").is_file() and out.with_suffix(".md").is_file()
     assert json.loads(out.with_suffix(".json").read_text())["runs"] == report["runs"]
+    noisy = json.loads(next((Path(report["out"]).parent / "cells").glob("e2e-hybrid_key_noise-*.json")).read_text())
+    assert noisy["key_noise"] == pema.HYBRID_KEY_NOISE  # trained on noisy keys, and the cell says how noisy
     # another emulator's cell of the same seed belongs to that emulator's report, not to this one
     cells = Path(report["out"]).parent / "cells"
     hybrid = json.loads(next(cells.glob("e2e-hybrid-*.json")).read_text())

@@ -155,3 +155,41 @@ def test_every_generation_training_sequence_ends_with_end_of_text(tiny_model_dir
     for tokenized in tokenize_for_training(tokenizer, examples, max_length=64):  # LoRA and full-block training
         labels = [label for label in tokenized.labels if label != IGNORE]
         assert labels[-1] == tokenizer.eos_token_id
+
+
+def _two_cue_memory(tmp_path: Path, name: str, keys: torch.Tensor, values: torch.Tensor) -> Memory:
+    writer = MemoryWriter(tmp_path / name, len(keys), keys.shape[1], "float32", {})
+    for example, first in enumerate(range(0, len(keys), 10)):
+        writer.add(keys[first : first + 10], values[first : first + 10], example)
+    return writer.close()
+
+
+def test_key_noise_keeps_the_adapter_off_directions_where_the_two_models_disagree(tmp_path: Path) -> None:
+    """The memory's keys carry the label twice: weakly along u (shared with the full model's states) and strongly
+    along w (where the emulator's states differ: the full model's carry no label there). Noise along w in training
+    makes PEMA use u, so it predicts better from the full model's states."""
+    generator = torch.Generator().manual_seed(0)
+    rows, hidden = 3000, 16
+    u, w = torch.eye(hidden)[0], torch.eye(hidden)[1]
+    values = torch.randint(0, 2, (rows,), generator=generator)
+    sign = (2 * values - 1).float().unsqueeze(1)
+    base = 0.3 * torch.randn(rows, hidden, generator=generator) + sign * u + 2.0 * torch.ones(hidden)
+    emulator_keys = base + 3.0 * sign * w
+    full_keys = base + 3.0 * torch.sign(torch.randn(rows, 1, generator=generator)) * w
+    emulator, full = (_two_cue_memory(tmp_path, n, k, values) for n, k in (("e", emulator_keys), ("f", full_keys)))
+    head = Head("rms", 1e-6, torch.ones(hidden), None, torch.randn(2, hidden, generator=generator))
+    config = PemaConfig(
+        rank=4, dropout=0.0, lr=1e-2, batch_size=128, max_epochs=10, patience=3, gate_width=0, length_predictor=False
+    )
+    noise = torch.outer(w, w) * 3.0  # F with F·Fᵀ = 9·w·wᵀ: the disagreement's covariance along w
+
+    def loss_on_full(adapter: PemaAdapter) -> float:
+        keys, labels = full.batch(np.arange(rows))
+        with torch.no_grad():
+            return float(torch.nn.functional.cross_entropy(head.logits(adapter.predict_hidden(keys)), labels))
+
+    plain, _ = train_pema(emulator, head, config, show_progress=False)
+    robust, _ = train_pema(emulator, head, config, show_progress=False, key_noise=noise)
+    assert loss_on_full(robust) < 0.8 * loss_on_full(plain), (loss_on_full(robust), loss_on_full(plain))
+    with pytest.raises(ValueError, match="key noise must be"):
+        train_pema(emulator, head, config, show_progress=False, key_noise=torch.eye(3))

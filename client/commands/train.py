@@ -9,7 +9,7 @@ from ...common import output_dir
 from ...common.cli_output import emit
 from ...common.examples import read_jsonl
 from ...common.memory import peak_rss_bytes
-from ...common.pema.config import SCHEDULES, PemaConfig
+from ...common.pema.config import HYBRID_KEY_NOISE, SCHEDULES, PemaConfig
 from ...common.processes import is_main_process
 from ..training import train_adapter
 from ..training.config import DEFAULT_LEARNING_RATE, TRAIN_BLOCKS, TrainConfig
@@ -35,7 +35,9 @@ def cmd_train_pema(args: argparse.Namespace) -> None:
     out = Path(args.out)
     output_dir.check(out, output_dir.ADAPTER)  # before training
     with output_dir.staged(out, output_dir.ADAPTER) as work:
-        result = train_pema_bundle(Path(args.memory), Path(args.head), config, work, args.owner_key)
+        result = train_pema_bundle(
+            Path(args.memory), Path(args.head), config, work, args.owner_key, key_noise=args.key_noise
+        )
     result["adapter_dir"] = str(out)
     emit(
         {"ok": True, **result, "peak_rss_bytes": peak_rss_bytes()},
@@ -108,6 +110,13 @@ def register(commands: Commands) -> None:
     )
     train.add_argument(
         "--gate-width", type=int, default=PemaConfig.gate_width, help="pema: hidden width of the learned gate (0: none)"
+    )
+    train.add_argument(
+        "--key-noise",
+        type=float,
+        default=HYBRID_KEY_NOISE,
+        help="pema, on a memory built through the owner's bridge with --head the emulator: train on keys plus this "
+        "many times the bridge's residual noise (0: off)",
     )
     train.add_argument("--out", required=True)
     train.add_argument(

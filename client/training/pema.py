@@ -7,13 +7,15 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import torch
 from transformers import AutoModelForCausalLM
 
 from ...common.adapter_format import PEMA
+from ...common.bridge import bundle_bridge
 from ...common.contract import HEAD_ARTIFACT
 from ...common.manifest import verify_bundle, write_manifest
 from ...common.pema.bundle import save_pema
-from ...common.pema.config import PemaConfig
+from ...common.pema.config import HYBRID_KEY_NOISE, PemaConfig
 from ...common.pema.head import HEAD_CONFIG_FILE, Head
 from ...common.pema.memory import Memory
 from ...common.pema.training import train_pema
@@ -27,6 +29,17 @@ def load_head(directory: Path, owner_key: str | None = None) -> tuple[Head, dict
     return Head.from_model(AutoModelForCausalLM.from_pretrained(directory)), manifest
 
 
+def hybrid_key_noise(memory: Memory, head_dir: Path, manifest: dict[str, Any], scale: float) -> torch.Tensor | None:
+    """The training noise factor of a memory built through the owner's bridge: `scale` × the residual factor the
+    bridge ships. None for any other memory, or where `head_dir` (the emulator bundle) ships no residual."""
+    if scale < 0:
+        raise ValueError(f"key noise must be >= 0, got {scale}")
+    if not memory.info.get("bridge") or scale == 0:
+        return None
+    bridge = bundle_bridge(head_dir, manifest, memory.hidden_size)
+    return None if bridge is None or bridge.residual is None else bridge.residual * scale
+
+
 def train_pema_bundle(
     memory_dir: Path,
     head_dir: Path,
@@ -34,12 +47,15 @@ def train_pema_bundle(
     out: Path,
     owner_key: str | None = None,
     show_progress: bool = True,
+    key_noise: float = HYBRID_KEY_NOISE,
 ) -> dict[str, Any]:
     memory = Memory.open(memory_dir)
     head, head_manifest = load_head(head_dir, owner_key)
     if memory.info.get("base_fingerprint") != head_manifest["base_fingerprint"]:
         raise ValueError(f"{memory_dir} was built for another base model than {head_dir}")
-    adapter, report = train_pema(memory, head, config, show_progress)
+    noise = hybrid_key_noise(memory, head_dir, head_manifest, key_noise)
+    applied = key_noise if noise is not None else 0.0
+    adapter, report = train_pema(memory, head, config, show_progress, key_noise=noise)
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
@@ -53,6 +69,7 @@ def train_pema_bundle(
             **asdict(config),
             # no row or example count: the pushed manifest would tell the owner how much data there was
             "memory_source": memory.info.get("source"),
+            "key_noise": applied,
             "phase1_epochs": report.phase1.epochs,
             "phase2_epochs": report.phase2.epochs,
         },
@@ -66,6 +83,7 @@ def train_pema_bundle(
         "method": PEMA,
         "parameters": parameters,
         "memory_rows": len(memory),
+        "key_noise": applied,
         "phase1_validation_mse": min(report.phase1.validation_loss),
         "phase2_validation_loss": min(report.phase2.validation_loss),
         "validation_ce": report.phase2_validation_ce,

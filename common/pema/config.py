@@ -8,6 +8,9 @@ GRADUAL = "gradual"
 CONSTANT = "constant"
 GATE = "gate"
 SCHEDULES = (GRADUAL, CONSTANT, GATE)
+# Hybrid PEMA trains on keys + HYBRID_KEY_NOISE × the bridge's residual factor times N(0, I) (common/pema/training.py);
+# the scale was chosen on E2E's held-out examples by the loss on the full model's states (bench/pema_key_noise.py)
+HYBRID_KEY_NOISE = 1.0
 
 
 @dataclass(frozen=True)

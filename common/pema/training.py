@@ -12,6 +12,11 @@ holds 28% on SmolLM2) and would otherwise be all the autoencoder learns.
 
 After PEMA: the mixing gate (gate.py) on the held-out examples, PEMA frozen; the length predictor (length.py) on the
 training examples' prompts, its ridge chosen on the held-out ones.
+
+Key noise (hybrid PEMA): a memory built on the emulator holds keys that differ from the full model's states PEMA
+will read. Given a factor F of that difference's covariance (the owner measures it on public text), every training
+batch of every phase reads keys + F·z, z ~ N(0, I): for PEMA's linear maps this is ridge regression that penalises
+leaning on the directions where the two models disagree. Validation rows stay clean.
 """
 
 from __future__ import annotations
@@ -109,6 +114,7 @@ def _run_phase(
     validation_rows: np.ndarray,
     config: PemaConfig,
     show_progress: bool,
+    key_noise: torch.Tensor | None = None,
 ) -> PhaseReport:
     optimizer = torch.optim.Adam(parameters, lr=config.lr)
     generator = np.random.default_rng(config.seed)
@@ -124,6 +130,8 @@ def _run_phase(
             total = 0.0
             for first in range(0, len(shuffled), config.batch_size):
                 keys, values = memory.batch(shuffled[first : first + config.batch_size])
+                if key_noise is not None:
+                    keys = keys + torch.randn_like(keys) @ key_noise.T
                 loss = chunked_mean(loss_of, keys, values)  # a chunk of rows' logits at a time
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -191,16 +199,20 @@ def _fit_length(adapter: PemaAdapter, memory: Memory, split: Split) -> tuple[flo
 
 
 def train_pema(
-    memory: Memory, head: Head, config: PemaConfig, show_progress: bool = True
+    memory: Memory, head: Head, config: PemaConfig, show_progress: bool = True, key_noise: torch.Tensor | None = None
 ) -> tuple[PemaAdapter, PemaTrainReport]:
+    """`key_noise`: F [d, d]; each training key gets F·z added (module docstring). None: the keys as they are."""
     config.check()
     if head.weight.shape[1] != memory.hidden_size:
         raise ValueError(f"the head expects hidden size {head.weight.shape[1]}, the memory has {memory.hidden_size}")
+    d = memory.hidden_size
+    if key_noise is not None and tuple(key_noise.shape) != (d, d):
+        raise ValueError(f"key noise must be a [{d}, {d}] factor, got {list(key_noise.shape)}")
     started = time.perf_counter()
     torch.manual_seed(config.seed)
     split = split_examples(memory, config.validation_fraction, config.seed)
     scale = channel_scale(memory, split.train_rows, config.seed)
-    d, r = memory.hidden_size, config.rank
+    r = config.rank
     adapter = PemaAdapter(d, r, config.dropout, config.alpha, config.gate_width, config.length_predictor)
     encoder = PemaAdapter(d, r, config.dropout, config.alpha)  # phase 1's A_rct; only its A and B_rct train
 
@@ -220,6 +232,7 @@ def train_pema(
         split.validation_rows,
         config,
         show_progress,
+        key_noise,
     )
     adapter.B_rct.load_state_dict(encoder.B_rct.state_dict())
     adapter.B_rct.weight.requires_grad_(False)
@@ -240,6 +253,7 @@ def train_pema(
         split.validation_rows,
         config,
         show_progress,
+        key_noise,
     )
 
     def prediction(keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -250,7 +264,7 @@ def train_pema(
 
     ce = evaluate_loss([adapter], prediction, memory, split.validation_rows, config.batch_size)
     model_ce = evaluate_loss([], model_prediction, memory, split.validation_rows, config.batch_size)
-    gate_report = _train_gate(adapter, head, memory, split, config, show_progress) if adapter.gate else None
+    gate_report = _train_gate(adapter, head, memory, split, config, show_progress, key_noise) if adapter.gate else None
     length = _fit_length(adapter, memory, split) if adapter.length is not None else (None, None)
     adapter.eval()
     report = PemaTrainReport(
@@ -270,7 +284,13 @@ def train_pema(
 
 
 def _train_gate(
-    adapter: PemaAdapter, head: Head, memory: Memory, split: Split, config: PemaConfig, show_progress: bool
+    adapter: PemaAdapter,
+    head: Head,
+    memory: Memory,
+    split: Split,
+    config: PemaConfig,
+    show_progress: bool,
+    key_noise: torch.Tensor | None,
 ) -> PhaseReport:
     """The gate learns on the held-out examples (half to fit, half to stop on), PEMA and the model frozen."""
     assert adapter.gate is not None
@@ -299,4 +319,5 @@ def _train_gate(
         rows_of(memory, stop_examples),
         config,
         show_progress,
+        key_noise,
     )

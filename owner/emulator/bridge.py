@@ -13,6 +13,10 @@ affine map f ≈ W·e + b (common/bridge.py) that the owner fits and ships in th
   on all of them.
 - Text: BRIDGE_FIT_WINDOWS windows spread over the builder's public text (default the Gutenberg training novels); the
   figures come from the report card's held-out windows of the held-out novel, which no fit sees.
+- Residual: R with R·Rᵀ the covariance of f − (W·e + b) over the held-out windows' counted positions, shipped with
+  the bridge: hybrid PEMA trains on keys with that much noise added, so it leans less on the directions where the
+  bridged emulator and the full model disagree (bench/pema_key_noise.py). It is second-order statistics of an error
+  on public text, no token, state or output of the full model's.
 - Figures: NMSE is the mean over positions of ‖x − f‖²/‖f‖² (each position weighs the same, not sum over sum), cosine
   the median over positions. What publishing reveals goes through the owner's own head (the PEMA head): top-1
   next-token agreement with the full model and perplexity, of head(e), head(W·e + b) and head(f).
@@ -22,7 +26,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -232,6 +236,15 @@ def measure_bridge(
     )
 
 
+def residual_factor(
+    emulator: PreTrainedModel, full: PreTrainedModel, bridge: Bridge, windows: torch.Tensor, bos_token_id: int | None
+) -> torch.Tensor:
+    """R [d, d], R·Rᵀ the covariance of f − (W·e + b) at the counted positions of held-out `windows`."""
+    residuals = [p.full - bridge.apply(p.emulator) for p in paired_states(emulator, full, windows, bos_token_id)]
+    variances, directions = torch.linalg.eigh(torch.cov(torch.cat(residuals).double().T))
+    return (directions * variances.clamp_min(0).sqrt()).float()
+
+
 def spread_windows(windows: torch.Tensor, count: int) -> torch.Tensor:
     """`count` windows evenly spaced over all of them, so a corpus of several books gives rows of each."""
     return windows[torch.linspace(0, len(windows) - 1, min(count, len(windows))).round().long()]
@@ -246,6 +259,7 @@ def build_bridge(
     fit = fit_bridge(emulator, full, spread_windows(text.train, BRIDGE_FIT_WINDOWS), bos)
     heldout, heldout_sha256 = heldout_windows(tokenizer, GUTENBERG_HELDOUT_TEXT)
     card = measure_bridge(emulator, full, fit.bridge, Head.from_model(full), heldout, heldout_sha256, bos)
+    bridge = replace(fit.bridge, residual=residual_factor(emulator, full, fit.bridge, heldout, bos))
     facts = {
         "file": BRIDGE_WEIGHTS_FILE,
         "hidden_size": fit.bridge.hidden_size,
@@ -255,5 +269,6 @@ def build_bridge(
         "public_text": "gutenberg" if data is None else "data",
         "public_text_sha256": text.sha256,
         "excluded": "attention sinks (position 0), BOS and massive tokens of either model",
+        "residual": "covariance factor of the residual on the held-out novel (hybrid PEMA's key noise)",
     }
-    return PublishedBridge(fit.bridge, facts, card)
+    return PublishedBridge(bridge, facts, card)

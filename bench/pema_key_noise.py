@@ -1,0 +1,171 @@
+"""Does the hybrid PEMA carry over to the full model's states? Its loss on them, on held-out examples, with key noise.
+
+The hybrid adapter learns on a memory of the bridged emulator's states and is applied, at generation, to the full
+model's. On the PEMA validation examples of each task's training rows (whole examples, never test rows) this
+measures the adapter's next-token cross-entropy on both: on the memory it learned from, and on the full model's
+states of the same rows (the owner's memory), next to the frozen model's and the remote adapter's (trained on the
+full model's states). `mixed` is the distribution generation samples from at constant λ = λ_max.
+
+Key noise: every training key gets F·z added, F·Fᵀ the covariance of the bridge's residual (full − bridged emulator)
+on public text no fit saw (the held-out novel's report-card windows), times scale². Scale 0 is the hybrid as it is.
+A scale is chosen here, on held-out examples, by the mixed loss on the full model's states.
+
+    python bench/pema_key_noise.py --tasks e2e --scales 0,1,2
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import pema  # noqa: E402
+from cells import Cells  # noqa: E402
+from results_files import write_results  # noqa: E402
+
+from offsite.common.pema.adapter import PemaAdapter  # noqa: E402
+from offsite.common.pema.head import Head  # noqa: E402
+from offsite.common.pema.memory import Memory  # noqa: E402
+from offsite.common.pema.training import evaluate_loss, split_examples, train_pema  # noqa: E402
+from offsite.common.pema.unrolling import mix  # noqa: E402
+from offsite.owner.emulator import bridge as owner_bridge  # noqa: E402
+from offsite.owner.emulator.public_text import GUTENBERG_HELDOUT_TEXT  # noqa: E402
+from offsite.owner.emulator.report_card import heldout_windows  # noqa: E402
+
+OUT = pema.ROOT / "bench" / "results" / "pema_key_noise"
+CELLS = pema.ROOT / "bench" / "results" / "pema_key_noise_cells"
+
+
+def residual_factor(bench: pema.PemaBench) -> torch.Tensor:
+    """F [d, d] with F·Fᵀ the covariance of (full − bridged emulator) final states on the held-out novel."""
+    windows, _ = heldout_windows(bench.tokenizer, GUTENBERG_HELDOUT_TEXT)
+    bos = bench.tokenizer.bos_token_id
+    return owner_bridge.residual_factor(bench.emulator, bench.full, bench.bridge()[0], windows, bos)
+
+
+def losses(adapter: PemaAdapter, head: Head, memory: Memory, rows: np.ndarray, lambda_max: float, batch: int) -> dict:
+    """PEMA's own next-token CE and that of its mixture with the frozen model at λ = `lambda_max`, on `rows`."""
+
+    def own(keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(head.logits(adapter.predict_hidden(keys)), values)
+
+    def mixed(keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        lm = torch.log_softmax(head.logits(keys), dim=-1)
+        ours = torch.log_softmax(head.logits(adapter.predict_hidden(keys)), dim=-1)
+        return F.nll_loss(mix(ours, lm, lambda_max), values)
+
+    with torch.no_grad():
+        return {
+            "pema_ce": round(evaluate_loss([adapter], own, memory, rows, batch), 4),
+            "mixed_ce": round(evaluate_loss([adapter], mixed, memory, rows, batch), 4),
+        }
+
+
+def cell(bench: pema.PemaBench, cells: Cells, task: pema.Task, scale: float, seed: int) -> dict[str, Any]:
+    rank = bench.rank(task)
+    config = replace(bench.pema_config, rank=rank, seed=seed, gate_width=0, length_predictor=False)
+    facts = {
+        **bench.facts(task, "hybrid_key_noise", seed=seed, rank=rank, pema=asdict(config)),
+        "emulator_id": bench.emulator_manifest["id"],
+        "scale": scale,
+        "noise_text": "held-out novel, report-card windows",
+    }
+    found = cells.get(facts)
+    if found is not None:
+        return found
+    hybrid, _ = bench.memory(task, "hybrid")
+    owner, _ = bench.memory(task, "owner")
+    if len(hybrid) != len(owner) or not np.array_equal(hybrid.values[:], owner.values[:]):
+        raise SystemExit(f"{task.slug}: the hybrid and owner memories do not hold the same rows")
+    rows = split_examples(owner, config.validation_fraction, seed).validation_rows
+    noise = residual_factor(bench) * scale if scale else None
+    pema.say(f"{task.slug}: hybrid PEMA with key noise at scale {scale}, seed {seed}")
+    adapter, report = train_pema(hybrid, bench.head, config, show_progress=bench.args.progress, key_noise=noise)
+    result = {
+        "on_emulator": losses(adapter, bench.head, hybrid, rows, config.lambda_max, config.batch_size),
+        "on_full": losses(adapter, bench.head, owner, rows, config.lambda_max, config.batch_size),
+        "train_seconds": round(report.seconds, 1),
+        "validation_rows": len(rows),
+    }
+    return cells.put(facts, result)
+
+
+def references(bench: pema.PemaBench, cells: Cells, task: pema.Task, seed: int) -> dict[str, Any]:
+    """The frozen model's CE and the remote adapter's (same config, trained on the full model's states)."""
+    rank = bench.rank(task)
+    config = replace(bench.pema_config, rank=rank, seed=seed, gate_width=0, length_predictor=False)
+    facts = {**bench.facts(task, "remote_key_noise_reference", seed=seed, rank=rank, pema=asdict(config))}
+    found = cells.get(facts)
+    if found is not None:
+        return found
+    owner, _ = bench.memory(task, "owner")
+    rows = split_examples(owner, config.validation_fraction, seed).validation_rows
+    pema.say(f"{task.slug}: remote PEMA reference, seed {seed}")
+    adapter, _ = train_pema(owner, bench.head, config, show_progress=bench.args.progress)
+
+    def frozen(keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(bench.head.logits(keys), values)
+
+    with torch.no_grad():
+        model_ce = round(evaluate_loss([], frozen, owner, rows, config.batch_size), 4)
+    remote = losses(adapter, bench.head, owner, rows, config.lambda_max, config.batch_size)
+    return cells.put(facts, {"model_ce": model_ce, "remote": remote})
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "# Hybrid PEMA on the full model's states: held-out examples, key noise",
+        "",
+        "Next-token cross-entropy (nats) on the PEMA validation examples of each task's training rows (never test",
+        "rows). The hybrid adapter trains on the bridged emulator's states (`on emulator`) and is scored on the full",
+        "model's states of the same rows (`on full`); `mixed` is its mixture with the frozen model at λ = λ_max, the",
+        "distribution constant-λ generation uses. Key noise: training keys + F·z, F·Fᵀ = scale² × the covariance of",
+        "the bridge's residual on held-out public text. No gate or length predictor. Made by",
+        "`python bench/pema_key_noise.py`.",
+        "",
+        "| task | seed | scale | on emulator: PEMA / mixed | on full: PEMA / mixed | frozen model "
+        "| remote PEMA / mixed |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        emu, full, remote = r["on_emulator"], r["on_full"], r["remote"]
+        lines.append(
+            f"| {r['task']} | {r['seed']} | {r['scale']:g} | {emu['pema_ce']:.3f} / {emu['mixed_ce']:.3f} "
+            f"| {full['pema_ce']:.3f} / {full['mixed_ce']:.3f} | {r['model_ce']:.3f} "
+            f"| {remote['pema_ce']:.3f} / {remote['mixed_ce']:.3f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scales", default="0,1,2")
+    parser.add_argument("--key-noise-cells", default=str(CELLS))
+    parser.add_argument("--key-noise-out", default=str(OUT))
+    known, rest = parser.parse_known_args(argv)
+    args = pema.parse_args(rest)
+    if args.smoke:
+        args = pema.smoke_arguments(args)
+        known.key_noise_cells, known.key_noise_out = f"{args.cells}-noise", f"{args.out}-noise"
+    bench, cells = pema.PemaBench(args), Cells(Path(known.key_noise_cells))
+    rows = []
+    for task in pema.load_tasks(args).values():
+        for seed in (int(s) for s in args.seeds.split(",") if s):
+            reference = references(bench, cells, task, seed)
+            for scale in (float(s) for s in known.scales.split(",")):
+                found = cell(bench, cells, task, scale, seed)
+                rows.append({"task": task.slug, "seed": seed, "scale": scale, **found, **reference})
+    report = {"emulator": bench.emulator_manifest["id"], "pema": asdict(bench.pema_config), "rows": rows}
+    write_results(Path(known.key_noise_out), report, markdown(rows))
+    return report
+
+
+if __name__ == "__main__":
+    main()
