@@ -46,7 +46,7 @@ from offsite.common.contract import DEFAULT_MODEL, MAX_MESSAGE_BYTES
 from offsite.common.examples import read_jsonl
 from offsite.common.manifest import BundleError
 from offsite.common.rpc import pb
-from offsite.owner.limits import MAX_STREAMS_TOTAL
+from offsite.owner.limits import GIL_SWITCH_MS, MAX_STREAMS_TOTAL
 from offsite.owner.service import PLUGGED_CACHE_SIZE
 from offsite.owner.store import Store
 
@@ -187,6 +187,20 @@ def audit_lines(audit: Path, skip: int) -> list[dict[str, Any]]:
     return [{**line, "rpc": HEALTH} if line["method"] == HEALTH_METHOD else line for line in found]
 
 
+# What each run at one switch interval contributes to the side-by-side table
+SIDE_BY_SIDE = (
+    "gil_switch_ms",
+    "loops",
+    "errors",
+    "small_rpc_p50_ms",
+    "small_rpc_p99_ms",
+    "probe_rpc_p99_ms",
+    "daemon_small_rpc_p99_ms",
+    "model_rpc_p50_ms",
+    "model_rpc_p99_ms",
+)
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="offsite-load-"))
     store_dir = work / "owner-store"
@@ -196,7 +210,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     store.close()
     audit = store_dir / "audit.jsonl"
     audit_before = audit.read_text().count("\n") if audit.exists() else 0  # a reused store has older lines
-    env = dict(os.environ, OFFSITE_HOME=str(work / "client-config"))
+    env = dict(os.environ, OFFSITE_HOME=str(work / "client-config"), OFFSITE_GIL_SWITCH_MS=str(args.gil_switch_ms))
     owner, address = start_owner(args.model, store_dir, args.emulator, work / "owner.log", env)
     rss = RssSampler(owner.pid)
     try:
@@ -244,6 +258,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "emulator": pulled["emulator"],
         "emulator_bytes": pulled["bytes"],
         "clients": args.clients,
+        "gil_switch_ms": args.gil_switch_ms,
         "seconds": round(wall, 1),
         "loops": stats.loops,
         "errors": len(stats.errors),
@@ -301,7 +316,28 @@ def markdown(result: dict[str, Any]) -> str:
     ]
     for name, row in result["rpcs"].items():
         lines.append(f"| {name} | {row['calls']} | {row['p50_ms']} | {row['p99_ms']} | {row['max_ms']} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + side_by_side(result)) + "\n"
+
+
+def side_by_side(result: dict[str, Any]) -> list[str]:
+    """The runs at each GIL switch interval, in the order they ran (empty for one run)."""
+    runs = result.get("switch_interval_runs", [])
+    if len(runs) < 2:
+        return []
+    lines = [
+        "",
+        "## GIL switch interval, one run each, in this order",
+        "",
+        "| switch ms | loops | errors | small p50 / p99 ms | probe p99 ms | in-daemon p99 ms | model p50 / p99 ms |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in runs:
+        lines.append(
+            f"| {r['gil_switch_ms']:g} | {r['loops']} | {r['errors']} | {r['small_rpc_p50_ms']} / "
+            f"{r['small_rpc_p99_ms']} | {r['probe_rpc_p99_ms']} | {r['daemon_small_rpc_p99_ms']} | "
+            f"{r['model_rpc_p50_ms']} / {r['model_rpc_p99_ms']} |"
+        )
+    return lines
 
 
 def audit_verdict(result: dict[str, Any]) -> str:
@@ -329,13 +365,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--eval-examples", type=int, default=4)
+    parser.add_argument(
+        "--gil-switch-ms",
+        default=str(GIL_SWITCH_MS),
+        help="the daemon's GIL switch interval; several (comma-separated) run one after another, the last reported "
+        "in full and all side by side",
+    )
     parser.add_argument("--workdir", help="keep the store and logs here (default: a temp dir)")
     parser.add_argument("--out", default=str(RESULTS), help="results path without extension")
     parser.add_argument("--smoke", action="store_true", help="tiny model, 2 clients, 3 s, results in a temp dir")
     args = parser.parse_args(argv)
     if args.smoke:
         args = smoke_arguments(args)
-    result = run(args)
+    runs = []
+    for interval in (float(value) for value in args.gil_switch_ms.split(",")):
+        runs.append(run(argparse.Namespace(**{**vars(args), "gil_switch_ms": interval})))
+    result = {**runs[-1], "switch_interval_runs": [{key: r[key] for key in SIDE_BY_SIDE} for r in runs]}
     write_results(Path(args.out), result, markdown(result))
     return result
 

@@ -157,6 +157,7 @@ def _start_metrics(metrics: OwnerMetrics, host: str, port: int) -> MetricsEndpoi
 def cmd_serve(args: argparse.Namespace) -> None:
     args = serve_settings(args).namespace()
     configure_logging(args.log_format, args.log_level)
+    sys.setswitchinterval(args.gil_switch_ms / 1000)
     store = Store(Path(args.store), exclusive=True)  # before recover: it sweeps what it takes for crash leftovers
     removed = store.recover()
     if removed:

@@ -33,7 +33,14 @@ from ..common.contract import (
     MiB,
 )
 from .audit_chain import DEFAULT_KEEP, DEFAULT_MAX_MIB
-from .limits import MAX_STREAMS_TOTAL, MODEL_QUEUE_PER_TENANT, MODEL_QUEUE_TOTAL, MODEL_WORKERS, UNARY_RESERVE
+from .limits import (
+    GIL_SWITCH_MS,
+    MAX_STREAMS_TOTAL,
+    MODEL_QUEUE_PER_TENANT,
+    MODEL_QUEUE_TOTAL,
+    MODEL_WORKERS,
+    UNARY_RESERVE,
+)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -208,6 +215,13 @@ SERVE_OPTIONS: tuple[Option, ...] = (
     ),
     # The model queue (owner/model_queue.py): forwards run there in turns, off the threads that answer small calls
     Option("model_workers", int, MODEL_WORKERS, "threads running model forwards", check=_check_at_least_one),
+    Option(
+        "gil_switch_ms",
+        float,
+        GIL_SWITCH_MS,
+        "the interpreter's switch interval: how long one thread may hold the GIL while others wait (bench/load.py)",
+        check=_check_positive,
+    ),
     Option(
         "model_queue_per_tenant",
         int,

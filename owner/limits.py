@@ -41,6 +41,10 @@ MODEL_WORKERS = 1
 # defaults the stream slots refuse first; lower these to bound how long a call may wait for the model
 MODEL_QUEUE_PER_TENANT = MAX_STREAMS_PER_TENANT
 MODEL_QUEUE_TOTAL = MAX_STREAMS_TOTAL
+# How long a thread may hold the GIL before another waiting one gets it (Python's default: 5 ms). A small call needs
+# the GIL a few times, and each wait behind a model worker's or a stream's Python costs up to this long: at 1 ms the
+# in-daemon small-call p99 fell in each side-by-side run of bench/load.py, with no fewer client loops
+GIL_SWITCH_MS = 1.0
 MODEL_RETRY_MIN_SECONDS = 1.0  # the least retry hint of a full model queue: a slot rarely frees sooner
 
 Item = TypeVar("Item")

@@ -21,6 +21,7 @@ from offsite.owner.config import (
     to_toml,
     tomllib,
 )
+from offsite.owner.limits import GIL_SWITCH_MS
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "owner" / "offsite-owner.example.toml"
@@ -180,3 +181,10 @@ def test_config_show_prints_a_file_serve_accepts(tmp_path: Path) -> None:
     assert check_file(shown) == []
     again = tomllib.loads(shown.read_text())
     assert again == {k: v for k, v in effective.values.items() if v is not None}
+
+
+def test_the_gil_switch_interval_is_a_setting_and_must_be_positive() -> None:
+    assert resolve({"store": "s"}, None, {}).values["gil_switch_ms"] == GIL_SWITCH_MS
+    assert resolve({"store": "s"}, None, {"OFFSITE_GIL_SWITCH_MS": "0.5"}).values["gil_switch_ms"] == 0.5
+    with pytest.raises(ConfigError, match="gil-switch-ms"):
+        resolve({"store": "s", "gil_switch_ms": 0.0}, None, {})
