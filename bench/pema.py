@@ -256,6 +256,15 @@ class PemaBench:
             self._bridge = Bridge.load(path, hidden), json.loads(facts_file.read_text())
         return self._bridge
 
+    def key_noise(self, scale: float) -> torch.Tensor | None:
+        """`scale` × the bridge's residual factor: hybrid PEMA's training noise (None at scale 0)."""
+        if not scale:
+            return None
+        residual = self.bridge()[0].residual
+        if residual is None:
+            raise SystemExit(f"the cached bridge in {self.work} has no residual: delete bridge-* there to refit")
+        return residual * scale
+
     # -- helpers
 
     def facts(self, task: Task, row: str, **extra: Any) -> dict[str, Any]:
@@ -317,10 +326,7 @@ class PemaBench:
         memory, memory_seconds = self.memory(task, source)
         if not facts_file.is_file():
             head = self.head  # the emulator's final norm and head are the full model's own
-            residual = self.bridge()[0].residual
-            if key_noise and residual is None:
-                raise SystemExit(f"the cached bridge in {self.work} has no residual: delete bridge-* there to refit")
-            noise = residual * key_noise if key_noise and residual is not None else None
+            noise = self.key_noise(key_noise)
             adapter, report = train_pema(memory, head, config, show_progress=self.args.progress, key_noise=noise)
             directory.mkdir(parents=True, exist_ok=True)
             save_pema(adapter, config, directory)

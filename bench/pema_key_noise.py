@@ -31,23 +31,14 @@ from cells import Cells  # noqa: E402
 from results_files import write_results  # noqa: E402
 
 from offsite.common.pema.adapter import PemaAdapter  # noqa: E402
+from offsite.common.pema.config import PemaConfig  # noqa: E402
 from offsite.common.pema.head import Head  # noqa: E402
 from offsite.common.pema.memory import Memory  # noqa: E402
 from offsite.common.pema.training import evaluate_loss, split_examples, train_pema  # noqa: E402
 from offsite.common.pema.unrolling import mix  # noqa: E402
-from offsite.owner.emulator import bridge as owner_bridge  # noqa: E402
-from offsite.owner.emulator.public_text import GUTENBERG_HELDOUT_TEXT  # noqa: E402
-from offsite.owner.emulator.report_card import heldout_windows  # noqa: E402
 
 OUT = pema.ROOT / "bench" / "results" / "pema_key_noise"
 CELLS = pema.ROOT / "bench" / "results" / "pema_key_noise_cells"
-
-
-def residual_factor(bench: pema.PemaBench) -> torch.Tensor:
-    """F [d, d] with F·Fᵀ the covariance of (full − bridged emulator) final states on the held-out novel."""
-    windows, _ = heldout_windows(bench.tokenizer, GUTENBERG_HELDOUT_TEXT)
-    bos = bench.tokenizer.bos_token_id
-    return owner_bridge.residual_factor(bench.emulator, bench.full, bench.bridge()[0], windows, bos)
 
 
 def losses(adapter: PemaAdapter, head: Head, memory: Memory, rows: np.ndarray, lambda_max: float, batch: int) -> dict:
@@ -68,11 +59,15 @@ def losses(adapter: PemaAdapter, head: Head, memory: Memory, rows: np.ndarray, l
         }
 
 
+def probe_config(bench: pema.PemaBench, task: pema.Task, seed: int) -> PemaConfig:
+    """The bench's PEMA at the task's chosen rank, without the gate or the length predictor: only the loss counts."""
+    return replace(bench.pema_config, rank=bench.rank(task), seed=seed, gate_width=0, length_predictor=False)
+
+
 def cell(bench: pema.PemaBench, cells: Cells, task: pema.Task, scale: float, seed: int) -> dict[str, Any]:
-    rank = bench.rank(task)
-    config = replace(bench.pema_config, rank=rank, seed=seed, gate_width=0, length_predictor=False)
+    config = probe_config(bench, task, seed)
     facts = {
-        **bench.facts(task, "hybrid_key_noise", seed=seed, rank=rank, pema=asdict(config)),
+        **bench.facts(task, "hybrid_key_noise", seed=seed, rank=config.rank, pema=asdict(config)),
         "emulator_id": bench.emulator_manifest["id"],
         "scale": scale,
         "noise_text": "held-out novel, report-card windows",
@@ -85,7 +80,7 @@ def cell(bench: pema.PemaBench, cells: Cells, task: pema.Task, scale: float, see
     if len(hybrid) != len(owner) or not np.array_equal(hybrid.values[:], owner.values[:]):
         raise SystemExit(f"{task.slug}: the hybrid and owner memories do not hold the same rows")
     rows = split_examples(owner, config.validation_fraction, seed).validation_rows
-    noise = residual_factor(bench) * scale if scale else None
+    noise = bench.key_noise(scale)
     pema.say(f"{task.slug}: hybrid PEMA with key noise at scale {scale}, seed {seed}")
     adapter, report = train_pema(hybrid, bench.head, config, show_progress=bench.args.progress, key_noise=noise)
     result = {
@@ -99,9 +94,8 @@ def cell(bench: pema.PemaBench, cells: Cells, task: pema.Task, scale: float, see
 
 def references(bench: pema.PemaBench, cells: Cells, task: pema.Task, seed: int) -> dict[str, Any]:
     """The frozen model's CE and the remote adapter's (same config, trained on the full model's states)."""
-    rank = bench.rank(task)
-    config = replace(bench.pema_config, rank=rank, seed=seed, gate_width=0, length_predictor=False)
-    facts = {**bench.facts(task, "remote_key_noise_reference", seed=seed, rank=rank, pema=asdict(config))}
+    config = probe_config(bench, task, seed)
+    facts = bench.facts(task, "remote_key_noise_reference", seed=seed, rank=config.rank, pema=asdict(config))
     found = cells.get(facts)
     if found is not None:
         return found

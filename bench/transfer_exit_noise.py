@@ -13,12 +13,10 @@ held-out training rows (never test rows), so a scale can be chosen here. Scale 0
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 import torch
 
@@ -31,19 +29,19 @@ import offsite.client.training as training  # noqa: E402
 from offsite.client.local_model import load_emulator, plug_into_emulator  # noqa: E402
 from offsite.common.architectures import blocks  # noqa: E402
 from offsite.owner.adapters.plugin import plug  # noqa: E402
+from offsite.owner.emulator.statistics import covariance_factor  # noqa: E402
 
 OUT = transfer.ROOT / "bench" / "results" / "transfer_exit_noise"
 
 
+@functools.cache
 def error_factor(bench: transfer.TransferBench, spec: str) -> torch.Tensor:
     """[width, width] F with F·Fᵀ the covariance of (full − emulator) at the gap exit, on the held-out novel."""
     directory, manifest = bench.emulator(spec)
     emulator, _, _ = load_emulator(directory)
     windows = transfer_fidelity.public_windows(bench)
     pairs = [transfer_fidelity.exit_states(bench, emulator, manifest, ids) for ids in windows]
-    error = torch.cat([teacher - student for teacher, student, _ in pairs]).double()
-    variances, directions = torch.linalg.eigh(torch.cov(error.T))
-    return (directions * variances.clamp_min(0).sqrt()).float()
+    return covariance_factor(torch.cat([teacher - student for teacher, student, _ in pairs]))
 
 
 def noisy_exit(emulator: torch.nn.Module, manifest: dict[str, Any], factor: torch.Tensor) -> None:
@@ -62,20 +60,6 @@ def noisy_exit(emulator: torch.nn.Module, manifest: dict[str, Any], factor: torc
         return args, {**kwargs, "hidden_states": noisy}
 
     blocks(emulator)[top].register_forward_pre_hook(perturb, with_kwargs=True)
-
-
-@contextmanager
-def noisy_training(manifest: dict[str, Any], factor: torch.Tensor) -> Iterator[None]:
-    """train_adapter's emulator, loaded inside it, gets the noise hook."""
-    load = training.AutoModelForCausalLM.from_pretrained
-
-    def hooked(*args: Any, **kwargs: Any) -> Any:
-        model = load(*args, **kwargs)
-        noisy_exit(model, manifest, factor)
-        return model
-
-    with mock.patch.object(training.AutoModelForCausalLM, "from_pretrained", side_effect=hooked):
-        yield
 
 
 def cell(bench: transfer.TransferBench, task: str, spec: str, scale: float, seed: int) -> dict[str, Any]:
@@ -100,7 +84,8 @@ def cell(bench: transfer.TransferBench, task: str, spec: str, scale: float, seed
     adapter = bench.scratch / f"{task}-noise-{scale}-{seed}"
     train = bench.examples(data.train[: bench.recipe.train_rows], fmt)
     config = bench.recipe.train_config(seed)
-    with noisy_training(manifest, error_factor(bench, spec) * scale):
+    factor = error_factor(bench, spec) * scale
+    with transfer_fidelity.hooked_training(lambda model: noisy_exit(model, manifest, factor)):
         trained = training.train_adapter(directory, train, config, adapter, show_progress=False)
     emulator, _, _ = load_emulator(directory)
     metric = data.metric

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -68,13 +68,13 @@ def blend_gap_exit(emulator: torch.nn.Module, full: torch.nn.Module, manifest: d
 
 
 @contextmanager
-def blended_training(full: torch.nn.Module, manifest: dict[str, Any], alpha: float) -> Iterator[None]:
-    """train_adapter's emulator, loaded inside it, gets the blend hook."""
+def hooked_training(hook: Callable[[torch.nn.Module], None]) -> Iterator[None]:
+    """train_adapter's emulator, loaded inside it, gets `hook(emulator)` before it trains."""
     load = training.AutoModelForCausalLM.from_pretrained
 
     def hooked(*args: Any, **kwargs: Any) -> Any:
         model = load(*args, **kwargs)
-        blend_gap_exit(model, full, manifest, alpha)
+        hook(model)
         return model
 
     with mock.patch.object(training.AutoModelForCausalLM, "from_pretrained", side_effect=hooked):
@@ -191,7 +191,7 @@ def cell(bench: transfer.TransferBench, task: str, spec: str, alpha: float) -> d
     transfer.say(f"{task}: adapter on {spec} with the gap exit blended at α = {alpha}")
     adapter = bench.scratch / f"{task}-blend-{alpha}"
     train = bench.examples(data.train[: bench.recipe.train_rows], fmt)
-    with blended_training(bench.loaded.model, manifest, alpha):
+    with hooked_training(lambda model: blend_gap_exit(model, bench.loaded.model, manifest, alpha)):
         trained = training.train_adapter(directory, train, bench.recipe.train_config(0), adapter, show_progress=False)
     emulator, _, _ = load_emulator(directory)
     blend_gap_exit(emulator, bench.loaded.model, manifest, alpha)

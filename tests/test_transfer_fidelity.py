@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
+import pytest
 import torch
 from conftest import TINY_LAYOUT
 from transformers import AutoModelForCausalLM
@@ -20,12 +22,20 @@ import transfer_exit_noise  # noqa: E402
 import transfer_fidelity  # noqa: E402
 
 
-def test_blending_the_gap_exit_fully_turns_the_emulator_into_the_full_model(tiny_model_dir, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def tiny_emulator(tiny_model_dir, tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path, dict[str, Any]]:
+    """The tiny full model, and a uniform emulator of it: (loaded model, bundle directory, manifest)."""
     loaded = load_model(str(tiny_model_dir("llama")))
-    key = load_or_create_private_key(tmp_path / "key.pem")
+    work = tmp_path_factory.mktemp("fidelity")
+    key = load_or_create_private_key(work / "key.pem")
     spec = EmulatorSpec.parse(f"uniform:{TINY_LAYOUT}")
-    out = tmp_path / "emulator"
+    out = work / "emulator"
     manifest = build_emulator(loaded.model, loaded.tokenizer, spec, out, key, fingerprint(loaded.model), "tiny", False)
+    return loaded, out, manifest
+
+
+def test_blending_the_gap_exit_fully_turns_the_emulator_into_the_full_model(tiny_emulator) -> None:
+    loaded, out, manifest = tiny_emulator
     ids = torch.tensor([[5, 9, 17, 3, 40, 8], [7, 7, 21, 30, 2, 11]])
     with torch.no_grad():
         full = loaded.model(input_ids=ids).logits
@@ -50,12 +60,8 @@ def test_band_fidelity_is_one_for_a_perfect_student_and_near_zero_for_an_unrelat
     assert all(abs(b["correlation"]) < 0.1 and b["error_ratio"] > 1.5 for b in unrelated)
 
 
-def test_exit_noise_perturbs_training_forwards_only_and_never_the_sink(tiny_model_dir, tmp_path: Path) -> None:
-    loaded = load_model(str(tiny_model_dir("llama")))
-    key = load_or_create_private_key(tmp_path / "key.pem")
-    spec = EmulatorSpec.parse(f"uniform:{TINY_LAYOUT}")
-    out = tmp_path / "emulator"
-    manifest = build_emulator(loaded.model, loaded.tokenizer, spec, out, key, fingerprint(loaded.model), "tiny", False)
+def test_exit_noise_perturbs_training_forwards_only_and_never_the_sink(tiny_emulator) -> None:
+    _, out, manifest = tiny_emulator
     ids = torch.tensor([[5, 9, 17, 3, 40, 8]])
     plain = AutoModelForCausalLM.from_pretrained(out).eval()
     noisy = AutoModelForCausalLM.from_pretrained(out).eval()

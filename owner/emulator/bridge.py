@@ -39,7 +39,7 @@ from ...common.pema.head import Head
 from ...common.pema.representation import LocalRepresenter
 from .public_text import GUTENBERG_HELDOUT_TEXT, GUTENBERG_TEXT, PublicTextError, load_chunks
 from .report_card import REPORT_SEQ_LEN, heldout_windows
-from .statistics import counted_tokens
+from .statistics import counted_tokens, covariance_factor
 
 # 128 windows of 128 tokens: ~16,000 rows, 28 per input dimension of SmolLM2's 576-wide map.
 BRIDGE_FIT_WINDOWS = 128
@@ -241,8 +241,7 @@ def residual_factor(
 ) -> torch.Tensor:
     """R [d, d], R·Rᵀ the covariance of f − (W·e + b) at the counted positions of held-out `windows`."""
     residuals = [p.full - bridge.apply(p.emulator) for p in paired_states(emulator, full, windows, bos_token_id)]
-    variances, directions = torch.linalg.eigh(torch.cov(torch.cat(residuals).double().T))
-    return (directions * variances.clamp_min(0).sqrt()).float()
+    return covariance_factor(torch.cat(residuals))
 
 
 def spread_windows(windows: torch.Tensor, count: int) -> torch.Tensor:

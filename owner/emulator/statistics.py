@@ -65,6 +65,12 @@ def counted_tokens(
     return mask & ~massive_tokens(hidden_states, mask)
 
 
+def covariance_factor(rows: torch.Tensor) -> torch.Tensor:
+    """R [width, width] with R·Rᵀ the covariance of `rows` [tokens, width] (float64 eigendecomposition)."""
+    variances, directions = torch.linalg.eigh(torch.cov(rows.double().T))
+    return (directions * variances.clamp_min(0).sqrt()).float()
+
+
 def content_tokens(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """The states [batch, seq, width] of the counted tokens only, as [tokens, width]."""
     return states[mask]
