@@ -12,6 +12,9 @@ Every row trains on the same examples and decodes the same test prompts with the
   GU, as pema_gu is; hybrid_constant: the same adapter with λ = λ_max, as pema_constant is; hybrid_no_bridge: GU
   without the bridge (first seed only); hybrid_key_noise, hybrid_key_noise_constant: the hybrid trained with key
   noise (`--key-noise` × the bridge's residual covariance; common/pema/training.py), GU and λ = λ_max;
+  hybrid_reads_emulator, hybrid_reads_emulator_constant: the hybrid adapter reading, at generation too, the bridged
+  emulator's states (the keys it learned on) while P_LM stays the full model's (common/generation/steppers.py's
+  ReadingStepper; `offsite generate --emulator`), GU and λ = λ_max;
 - lora_emulator_plug_in: LoRA trained on the emulator and plugged into the full model (offsite-tuning);
 - lora_full: the ceiling, LoRA on every block of the full model, same recipe.
 The PEMA rank is chosen per task on the memory's held-out examples (never the test split). Each trained row runs
@@ -40,7 +43,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -57,7 +60,7 @@ from offsite.common.contract import DEFAULT_MODEL
 from offsite.common.examples import Example, encode, tokenize_for_training
 from offsite.common.generation.loop import complete, model_policy
 from offsite.common.generation.sampling import SamplingConfig
-from offsite.common.generation.steppers import LocalStepper
+from offsite.common.generation.steppers import LocalStepper, ReadingStepper, Stepper
 from offsite.common.model_loading import ensure_pad_token, fingerprint, load_model
 from offsite.common.pema.adapter import PemaAdapter
 from offsite.common.pema.bundle import load_pema, save_pema
@@ -94,6 +97,8 @@ ROWS = (
     "hybrid_no_bridge",
     "hybrid_key_noise",
     "hybrid_key_noise_constant",
+    "hybrid_reads_emulator",
+    "hybrid_reads_emulator_constant",
     "lora_emulator_plug_in",
     "lora_full",
 )
@@ -104,14 +109,26 @@ HYBRID_VERSUS_REMOTE = (
     ("hybrid_constant", "pema_constant", "constant λ"),
     ("hybrid_key_noise", "pema_gu", "key noise, GU"),
     ("hybrid_key_noise_constant", "pema_constant", "key noise, constant λ"),
+    ("hybrid_reads_emulator", "pema_gu", "reading the emulator, GU"),
+    ("hybrid_reads_emulator_constant", "pema_constant", "reading the emulator, constant λ"),
 )
-# the hybrid rows: (source of the memory, schedule, train with key noise)
+
+
+class HybridRow(NamedTuple):
+    source: str  # the memory: "hybrid" (bridged emulator states) or "emulator" (unbridged)
+    schedule: str
+    key_noise: bool  # trained with the bridge's residual as key noise
+    reads_emulator: bool  # at generation PEMA reads the bridged emulator's states, not the full model's
+
+
 HYBRID_ROWS = {
-    "hybrid": ("hybrid", GRADUAL, False),
-    "hybrid_constant": ("hybrid", CONSTANT, False),
-    "hybrid_no_bridge": ("emulator", GRADUAL, False),
-    "hybrid_key_noise": ("hybrid", GRADUAL, True),
-    "hybrid_key_noise_constant": ("hybrid", CONSTANT, True),
+    "hybrid": HybridRow("hybrid", GRADUAL, False, False),
+    "hybrid_constant": HybridRow("hybrid", CONSTANT, False, False),
+    "hybrid_no_bridge": HybridRow("emulator", GRADUAL, False, False),
+    "hybrid_key_noise": HybridRow("hybrid", GRADUAL, True, False),
+    "hybrid_key_noise_constant": HybridRow("hybrid", CONSTANT, True, False),
+    "hybrid_reads_emulator": HybridRow("hybrid", GRADUAL, False, True),
+    "hybrid_reads_emulator_constant": HybridRow("hybrid", CONSTANT, False, True),
 }
 RANKS = (64, 128, 256)  # the bottleneck sweep; d = 576 on SmolLM2-135M
 STOP = ("\n",)  # every task answers in one line
@@ -278,17 +295,26 @@ class PemaBench:
             **extra,
         }
 
-    def decode(self, model: torch.nn.Module, task: Task, policy_for: Callable[[int], Any], desc: str) -> dict:
-        """Greedy outputs of every test prompt, `--batch` at a time; `policy_for(first)` gives the batch's policy."""
+    def decode(
+        self,
+        model: torch.nn.Module,
+        task: Task,
+        policy_for: Callable[[int], Any],
+        desc: str,
+        reads_emulator: bool = False,
+    ) -> dict:
+        """Greedy outputs of every test prompt, `--batch` at a time; `policy_for(first)` gives the batch's policy.
+        `reads_emulator`: the policy reads the bridged emulator's states, P_LM stays `model`'s."""
         sampling = SamplingConfig(max_new_tokens=task.max_new_tokens, stop=STOP)
         outputs, finishes = [], []
         started = time.perf_counter()
         for first in range(0, len(task.prompts), self.args.batch):
             batch = task.prompts[first : first + self.args.batch]
             ids = [encode(self.tokenizer, p, special=True) for p in batch]
-            done = complete(
-                LocalStepper(model), ids, policy_for(first), sampling, self.tokenizer.eos_token_id, self.tokenizer
-            )
+            stepper: Stepper = LocalStepper(model)
+            if reads_emulator:
+                stepper = ReadingStepper(stepper, LocalStepper(self.emulator), self.bridge()[0].apply)
+            done = complete(stepper, ids, policy_for(first), sampling, self.tokenizer.eos_token_id, self.tokenizer)
             outputs += [c.text.strip() for c in done]
             finishes += [c.finish for c in done]
             say(f"{task.slug} {desc}: {len(outputs)}/{len(task.prompts)}")
@@ -400,7 +426,7 @@ class PemaBench:
     def hybrid(self, task: Task, seed: int, row: str) -> dict[str, Any]:
         """Run with GU as pema_gu is, or with constant λ as pema_constant is: the targets compare like with like."""
         rank = self.rank(task)
-        source, schedule, noisy = HYBRID_ROWS[row]
+        source, schedule, noisy, reads_emulator = HYBRID_ROWS[row]
         key_noise = self.args.key_noise if noisy else 0.0
         facts = self.facts(
             task,
@@ -420,6 +446,7 @@ class PemaBench:
                 task,
                 lambda _first: pema_policy(adapter, self.head, scheduled, task.max_new_tokens),  # one per batch
                 f"{row} seed {seed}",
+                reads_emulator,
             )
             cell = self.cells.put(facts, {"seed": seed, **decoded, **training})
         return cell
@@ -549,6 +576,10 @@ def build_report(cells: Cells, tasks: dict[str, Task], emulator_id: str) -> dict
             ("hybrid_key_noise_constant", "zero_shot"),
             ("hybrid_key_noise", "hybrid"),
             ("hybrid_key_noise_constant", "hybrid_constant"),
+            ("hybrid_reads_emulator", "zero_shot"),
+            ("hybrid_reads_emulator_constant", "zero_shot"),
+            ("hybrid_reads_emulator", "hybrid"),
+            ("hybrid_reads_emulator_constant", "hybrid_constant"),
             ("pema_gu", "zero_shot"),
             ("lora_emulator_plug_in", "zero_shot"),
             ("lora_full", "zero_shot"),
@@ -619,6 +650,8 @@ ROW_NAMES = {
     "hybrid_no_bridge": "hybrid PEMA without the bridge",
     "hybrid_key_noise": "hybrid PEMA trained with key noise, GU",
     "hybrid_key_noise_constant": "hybrid PEMA trained with key noise, constant λ",
+    "hybrid_reads_emulator": "hybrid PEMA reading the emulator's states at generation, GU",
+    "hybrid_reads_emulator_constant": "hybrid PEMA reading the emulator's states at generation, constant λ",
     "lora_emulator_plug_in": "LoRA on the emulator, plugged in",
     "lora_full": "LoRA on every block of the full model (ceiling)",
 }

@@ -245,6 +245,8 @@ TABLES: dict[str, Callable[[], str]] = {
             "hybrid_no_bridge",
             "hybrid_key_noise",
             "hybrid_key_noise_constant",
+            "hybrid_reads_emulator",
+            "hybrid_reads_emulator_constant",
             "lora_emulator_plug_in",
         ),
     ),

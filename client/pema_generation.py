@@ -1,6 +1,10 @@
 """PEMA generation on the data owner's side: each step asks `Represent` for f(x); the pulled head gives P_LM from
 it, and the adapter stays here. It runs the same token loop as the owner (common/generation), so the same adapter,
-prompt and sampling settings give the same text on either side."""
+prompt and sampling settings give the same text on either side.
+
+A hybrid adapter (trained on a memory the pulled emulator built here) can read, at generation too, the emulator's
+states it learned on (`emulator_dir`), through the bridge where its memory went through it, while P_LM stays the
+owner's full model's: its keys do not shift from the emulator's states to the full model's."""
 
 from __future__ import annotations
 
@@ -13,11 +17,14 @@ from transformers import AutoTokenizer
 from ..common.examples import encode
 from ..common.generation.loop import Piece, stream
 from ..common.generation.sampling import SamplingConfig
-from ..common.generation.steppers import StepResult
+from ..common.generation.steppers import LocalStepper, ReadingStepper, Stepper, StepResult
+from ..common.manifest import read_manifest
 from ..common.pema.bundle import load_pema
+from ..common.pema.config import GATE, PemaConfig
 from ..common.pema.head import Head
 from ..common.pema.policy import pema_policy
 from .connection import Remote
+from .local_model import load_bridge, load_emulator
 from .representations import RemoteRepresenter
 from .training.pema import load_head
 
@@ -44,6 +51,27 @@ class RemoteStepper:
         return states, torch.log_softmax(self.head.logits(states).float(), dim=-1)
 
 
+def emulator_reader(
+    remote_stepper: Stepper, adapter_dir: Path, config: PemaConfig, emulator_dir: Path, owner_key: str | None
+) -> ReadingStepper:
+    """The remote stepper's P_LM with the states of the emulator the adapter's memory was built with."""
+    emulator, _, manifest = load_emulator(emulator_dir, owner_key)
+    training = read_manifest(adapter_dir).get("training", {})
+    if training.get("memory_source") != f"emulator {manifest['id']}":
+        raise ValueError(
+            f"{adapter_dir} was trained on a memory from {training.get('memory_source') or 'an unknown source'}, "
+            f"not from emulator {manifest['id']}: it reads the states it learned on, so pass that emulator or none"
+        )
+    if config.schedule == GATE:
+        raise ValueError(
+            "the gate weighs P_LM as its memory's states gave it, not the full model's: read the emulator with the "
+            "constant or gradual schedule"
+        )
+    # Adapters trained before `memory_bridge` was recorded took the bridge wherever the bundle shipped one.
+    bridge = load_bridge(emulator_dir, manifest, emulator) if training.get("memory_bridge", True) else None
+    return ReadingStepper(remote_stepper, LocalStepper(emulator), None if bridge is None else bridge.apply)
+
+
 def generate_remote_pema(
     remote: Remote,
     adapter_dir: Path,
@@ -52,14 +80,17 @@ def generate_remote_pema(
     sampling: SamplingConfig,
     planned_length: int | None = None,
     owner_key: str | None = None,
+    emulator_dir: Path | None = None,
 ) -> Iterator[Piece]:
     """One piece per step, with the adapter's λ schedule; GU over `planned_length` (default: the adapter's own
-    prediction from the prompt, else max_new_tokens)."""
+    prediction from the prompt, else max_new_tokens). `emulator_dir`: a hybrid adapter reads that emulator's states."""
     sampling.check()
     adapter, config = load_pema(adapter_dir)
     head, _ = load_head(head_dir, owner_key)
     tokenizer = AutoTokenizer.from_pretrained(head_dir)
-    stepper = RemoteStepper(RemoteRepresenter(remote, adapter.A.weight.shape[1]), head)
+    stepper: Stepper = RemoteStepper(RemoteRepresenter(remote, adapter.A.weight.shape[1]), head)
+    if emulator_dir is not None:
+        stepper = emulator_reader(stepper, adapter_dir, config, emulator_dir, owner_key)
     policy = pema_policy(adapter, head, config, sampling.max_new_tokens, [planned_length] if planned_length else None)
     prompt_ids = encode(tokenizer, prompt, special=True)
     return stream(stepper, prompt_ids, policy, sampling, tokenizer.eos_token_id, tokenizer)

@@ -19,10 +19,12 @@ from transformers import PreTrainedModel
 from offsite.client.cli import main as client_main
 from offsite.client.local_model import load_bridge, load_emulator
 from offsite.client.memory import build_memory_local, hybrid_representer
+from offsite.client.pema_generation import emulator_reader
 from offsite.client.training.pema import train_pema_bundle
 from offsite.common.architectures import blocks
 from offsite.common.bridge import Bridge, BridgedRepresenter
 from offsite.common.contract import BRIDGE_WEIGHTS_FILE
+from offsite.common.generation.steppers import LocalStepper
 from offsite.common.manifest import BundleError, read_manifest, write_manifest
 from offsite.common.model_loading import fingerprint, load_model
 from offsite.common.pema.config import HYBRID_KEY_NOISE, PemaConfig
@@ -108,7 +110,7 @@ def test_the_bridge_ships_its_held_out_residual_covariance(tiny, emulator) -> No
     torch.testing.assert_close((factor @ factor.T).double(), torch.cov(residual.T), atol=1e-4, rtol=1e-3)
 
 
-def test_hybrid_pema_trains_with_key_noise_only_on_a_bridged_memory(bundle, tmp_path: Path) -> None:
+def test_hybrid_pema_trains_with_key_noise_only_on_a_bridged_memory(tiny, bundle, tmp_path: Path) -> None:
     directory, _ = bundle
     examples = sentiment_examples(6)
     config = PemaConfig(rank=4, max_epochs=1, gate_width=0, length_predictor=False)
@@ -117,8 +119,16 @@ def test_hybrid_pema_trains_with_key_noise_only_on_a_bridged_memory(bundle, tmp_
         memory = tmp_path / f"memory-{name}"
         build_memory_local(directory, examples, memory, "float32", MAX_LENGTH, show_progress=False, bridge=bridge)
         trained = train_pema_bundle(memory, directory, config, tmp_path / f"pema-{name}", show_progress=False)
-        facts[name] = trained["key_noise"], read_manifest(tmp_path / f"pema-{name}")["training"]["key_noise"]
-    assert facts == {"bridged": (HYBRID_KEY_NOISE,) * 2, "plain": (0.0, 0.0)}
+        training = read_manifest(tmp_path / f"pema-{name}")["training"]
+        facts[name] = trained["key_noise"], training["key_noise"], training["memory_bridge"]
+    assert facts == {"bridged": (HYBRID_KEY_NOISE, HYBRID_KEY_NOISE, True), "plain": (0.0, 0.0, False)}
+    # Reading the emulator at generation, each adapter sees its states as its memory held them.
+    prompt = tiny.tokenizer(examples[0].prompt)["input_ids"]
+    emulator_states = LocalStepper(load_emulator(directory)[0]).start([prompt])[0]
+    bridged = load_bridge(directory, read_manifest(directory), tiny.model)
+    for name, expected in (("bridged", bridged.apply(emulator_states)), ("plain", emulator_states)):
+        reader = emulator_reader(LocalStepper(tiny.model), tmp_path / f"pema-{name}", config, directory, None)
+        torch.testing.assert_close(reader.start([prompt])[0], expected)
     with pytest.raises(ValueError, match="key noise must be >= 0"):
         memory = tmp_path / "memory-bridged"
         train_pema_bundle(memory, directory, config, tmp_path / "bad", show_progress=False, key_noise=-1.0)

@@ -16,6 +16,7 @@ from peft import LoraConfig, get_peft_model
 from tiny_models import FAMILIES, VOCAB, tokenizer
 
 from offsite.client.connection import RemoteError
+from offsite.client.local_model import load_emulator
 from offsite.client.pema_generation import generate_remote_pema
 from offsite.client.pull import pull_head
 from offsite.client.push import push_adapter
@@ -24,7 +25,7 @@ from offsite.common.contract import HEAD_ARTIFACT
 from offsite.common.examples import encode
 from offsite.common.generation.loop import EOS, LENGTH, STOP, complete, decode, model_policy, stream
 from offsite.common.generation.sampling import SamplingConfig
-from offsite.common.generation.steppers import LocalStepper, StepResult
+from offsite.common.generation.steppers import LocalStepper, ReadingStepper, StepResult
 from offsite.common.manifest import read_manifest, write_manifest
 from offsite.common.model_loading import load_model
 from offsite.common.pema.adapter import PemaAdapter
@@ -188,7 +189,7 @@ def test_bad_sampling_settings_are_refused(sampling: SamplingConfig, message: st
         sampling.check()
 
 
-def _random_pema_bundle(head_dir: Path, out: Path) -> Path:
+def _random_pema_bundle(head_dir: Path, out: Path, training: dict | None = None) -> Path:
     """An untrained adapter with random decoders (trained ones start at zero): PEMA visibly moves the tokens."""
     config = PemaConfig(rank=4, gate_width=0, length_predictor=False, lambda_max=0.9)
     torch.manual_seed(0)
@@ -205,10 +206,14 @@ def _random_pema_bundle(head_dir: Path, out: Path) -> Path:
             "emulator": HEAD_ARTIFACT,
             "base_fingerprint": head_manifest["base_fingerprint"],
             "architecture": head_manifest.get("architecture", ""),
-            "training": {},
+            "training": training or {},
         },
     )
     return out
+
+
+def _tokens_and_text(pieces) -> tuple[list[int], str]:
+    return [p.token for p in pieces if p.token is not None], "".join(p.text for p in pieces)
 
 
 def test_the_same_seed_gives_the_same_pema_text_locally_on_the_owner_and_over_represent(
@@ -239,17 +244,14 @@ def test_the_same_seed_gives_the_same_pema_text_locally_on_the_owner_and_over_re
         stream(LocalStepper(loaded.model), ids, policy, sampling, loaded.tokenizer.eos_token_id, loaded.tokenizer)
     )
 
-    def tokens_and_text(pieces) -> tuple[list[int], str]:
-        return [p.token for p in pieces if p.token is not None], "".join(p.text for p in pieces)
-
-    assert tokens_and_text(local) == tokens_and_text(remote_pieces)
+    assert _tokens_and_text(local) == _tokens_and_text(remote_pieces)
     owner_tokens = [e.token_id for e in events if not e.done]
-    assert (owner_tokens, "".join(e.text for e in events)) == tokens_and_text(local)
+    assert (owner_tokens, "".join(e.text for e in events)) == _tokens_and_text(local)
     assert events[-1].done and events[-1].finish_reason == local[-1].finish
     # Both the adapter and the sampling matter: the plain model with the same seed, or PEMA greedy, differ.
     plain = list(stream(LocalStepper(loaded.model), ids, model_policy, sampling, None, loaded.tokenizer))
     greedy = list(stream(LocalStepper(loaded.model), ids, policy, SamplingConfig(8), None, loaded.tokenizer))
-    assert owner_tokens not in (tokens_and_text(plain)[0], tokens_and_text(greedy)[0][: len(owner_tokens)])
+    assert owner_tokens not in (_tokens_and_text(plain)[0], _tokens_and_text(greedy)[0][: len(owner_tokens)])
 
 
 def test_generate_over_grpc_honours_stop_strings_and_names_the_finish_reason(owner: InProcessOwner) -> None:
@@ -279,3 +281,34 @@ def test_bad_sampling_requests_are_invalid_arguments(owner: InProcessOwner, fiel
     with owner.remote() as remote, pytest.raises(RemoteError) as caught:
         list(remote.generate(pb.GenerateRequest(prompt="the movie", max_new_tokens=2, **fields)))
     assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT and message in str(caught.value)
+
+
+def test_a_hybrid_adapter_reads_the_emulator_it_learned_on_while_the_owner_gives_p_lm(
+    owner: InProcessOwner, tiny_emulator: Path, tmp_path: Path
+) -> None:
+    prompt, planned = "Review: great film\nSentiment:", 4
+    sampling = SamplingConfig(8, temperature=1.0, top_p=0.9, seed=5)
+    loaded = owner.service.loaded
+    emulator, _, manifest = load_emulator(tiny_emulator)
+    ids = encode(loaded.tokenizer, prompt, special=True)
+    # The pair: states from the reader (through the transform), log P_LM from the model.
+    paired = ReadingStepper(LocalStepper(loaded.model), LocalStepper(emulator), lambda states: 2 * states)
+    states, log_probs = paired.start([ids])
+    torch.testing.assert_close(states, 2 * LocalStepper(emulator).start([ids])[0])
+    torch.testing.assert_close(log_probs, LocalStepper(loaded.model).start([ids])[1])
+    hybrid = {"memory_source": f"emulator {manifest['id']}", "memory_bridge": False}
+    with owner.remote() as remote:
+        pull_head(remote, tmp_path / "head", show_progress=False)
+        head = tmp_path / "head"
+        bundle = _random_pema_bundle(head, tmp_path / "pema", hybrid)
+        read = list(generate_remote_pema(remote, bundle, head, prompt, sampling, planned, emulator_dir=tiny_emulator))
+        on_full = list(generate_remote_pema(remote, bundle, head, prompt, sampling, planned))
+        remote_memory = _random_pema_bundle(head, tmp_path / "remote-pema", {"memory_source": "owner"})
+        with pytest.raises(ValueError, match="trained on a memory from owner"):
+            generate_remote_pema(remote, remote_memory, head, prompt, sampling, planned, emulator_dir=tiny_emulator)
+    adapter, config = load_pema(bundle)
+    policy = pema_policy(adapter, Head.load(head), config, 8, [planned])
+    reading = ReadingStepper(LocalStepper(loaded.model), LocalStepper(emulator))
+    local = list(stream(reading, ids, policy, sampling, loaded.tokenizer.eos_token_id, loaded.tokenizer))
+    assert _tokens_and_text(read) == _tokens_and_text(local)
+    assert _tokens_and_text(read)[0] != _tokens_and_text(on_full)[0]  # which states PEMA reads changes the text

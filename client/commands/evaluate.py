@@ -86,11 +86,14 @@ def _pieces(args: argparse.Namespace, remote: Remote) -> Iterator[tuple[str, str
         stop=tuple(args.stop or ()),
     )
     sampling.check()  # before any token id reaches the owner
+    if args.emulator and not args.adapter:
+        raise ValueError("--emulator is read by a local hybrid PEMA adapter: give --adapter DIR too")
     if args.adapter:  # PEMA here, the owner's model through Represent
         if not args.head:
             raise ValueError("--adapter (a local PEMA bundle) needs --head DIR")
+        reader = Path(args.emulator) if args.emulator else None
         steps = generate_remote_pema(
-            remote, Path(args.adapter), Path(args.head), args.prompt, sampling, args.planned_length
+            remote, Path(args.adapter), Path(args.head), args.prompt, sampling, args.planned_length, emulator_dir=reader
         )
         return ((piece.text, piece.finish or "") for piece in steps)
     request = pb.GenerateRequest(
@@ -158,6 +161,11 @@ def register(commands: Commands) -> None:
         "--adapter", help="a local PEMA bundle: generate here, asking the owner only for f(x) and P_LM each step"
     )
     generate.add_argument("--head", help="with --adapter: the pulled head")
+    generate.add_argument(
+        "--emulator",
+        help="with --adapter (hybrid PEMA): read the states of this pulled emulator, the one its memory was built "
+        "with, here; the owner still gives P_LM",
+    )
     generate.add_argument(
         "--planned-length",
         type=int,

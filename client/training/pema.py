@@ -69,6 +69,7 @@ def train_pema_bundle(
             **asdict(config),
             # no row or example count: the pushed manifest would tell the owner how much data there was
             "memory_source": memory.info.get("source"),
+            "memory_bridge": bool(memory.info.get("bridge")),  # generation reading the emulator bridges it alike
             "key_noise": applied,
             "phase1_epochs": report.phase1.epochs,
             "phase2_epochs": report.phase2.epochs,

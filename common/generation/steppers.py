@@ -3,13 +3,14 @@ position) and log P_LM (the model's next-token log-probs) for each row still run
 
 `LocalStepper` runs a local Hugging Face causal model: the batch is left-padded so that every row's last position
 is the same column, one KV cache carries it from step to step, and a forward hook on the last block takes f(x).
-The data owner's remote stepper (client/pema_generation.py) asks `Represent` instead.
+The data owner's remote stepper (client/pema_generation.py) asks `Represent` instead. `ReadingStepper` pairs two:
+log P_LM from one, the states PEMA reads from the other (hybrid PEMA reads the emulator it learned on).
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import torch
@@ -85,3 +86,25 @@ class LocalStepper:
         selected = torch.tensor(list(rows), dtype=torch.long, device=self.device)
         states = captured[-1][selected].float()
         return states, torch.log_softmax(out.logits[selected, -1].float(), dim=-1)
+
+
+class ReadingStepper:
+    """log P_LM from `lm` (the full model), f(x) from `reader` (through `transform`, for instance the owner's bridge).
+
+    Hybrid PEMA learns on the emulator's states; read from the full model instead, its keys shift and its output
+    degrades (below zero-shot on Multi30k). Reading the emulator at generation too keeps the keys it learned on, while
+    the distribution it is mixed with stays the full model's. Both steppers see every token.
+    """
+
+    def __init__(self, lm: Stepper, reader: Stepper, transform: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        self.lm, self.reader, self.transform = lm, reader, transform
+
+    def start(self, prompts: Sequence[Sequence[int]]) -> StepResult:
+        return self._pair(self.lm.start(prompts), self.reader.start(prompts))
+
+    def advance(self, rows: Sequence[int], tokens: Sequence[int]) -> StepResult:
+        return self._pair(self.lm.advance(rows, tokens), self.reader.advance(rows, tokens))
+
+    def _pair(self, from_lm: StepResult, from_reader: StepResult) -> StepResult:
+        states = from_reader[0] if self.transform is None else self.transform(from_reader[0])
+        return states.float(), from_lm[1]
