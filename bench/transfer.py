@@ -272,6 +272,18 @@ class TransferBench:
             "emulator_params": build_recipe(manifest["params"]),
         }
 
+    def probe_facts(
+        self, data: TaskData, row: str, spec_text: str, seed: int, scored_rows: int, **extra: Any
+    ) -> dict[str, Any]:
+        """The facts of a diagnostic cell: one adapter of the recipe on `spec_text`, scored on `scored_rows` rows."""
+        return {
+            **self.emulator_facts(data, row, spec_text),
+            "recipe": asdict(self.recipe),
+            "seed": seed,
+            "scored_rows": scored_rows,
+            **extra,
+        }
+
     def emulator_zero_shot(self, data: TaskData, spec_text: str) -> dict[str, Any]:
         facts = self.emulator_facts(data, "emulator_zero_shot", spec_text)
         cell = self.cells.get(facts)

@@ -67,14 +67,10 @@ def cell(bench: transfer.TransferBench, task: str, spec: str, scale: float, seed
     if scale == 0:
         on_emulator, plugged = bench.offsite(data, spec, seed, items=data.heldout, row_suffix="_heldout")
         return {"emulator_adapter": on_emulator[data.metric], "plug_in": plugged[data.metric]}
-    facts = {
-        **bench.emulator_facts(data, "plug_in_exit_noise_heldout", spec),
-        "recipe": transfer.asdict(bench.recipe),
-        "seed": seed,
-        "scored_rows": len(data.heldout),
-        "noise_scale": scale,
-        "noise_text": f"held-out novel, last {transfer_fidelity.PUBLIC_WINDOWS} windows",
-    }
+    noise_text = f"held-out novel, last {transfer_fidelity.PUBLIC_WINDOWS} windows"
+    facts = bench.probe_facts(
+        data, "plug_in_exit_noise_heldout", spec, seed, len(data.heldout), noise_scale=scale, noise_text=noise_text
+    )
     found = bench.cells.get(facts)
     if found is not None:
         return found

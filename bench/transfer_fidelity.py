@@ -176,13 +176,7 @@ def measured_fidelity(
 
 def cell(bench: transfer.TransferBench, task: str, spec: str, alpha: float) -> dict[str, Any]:
     data = bench.task(task)
-    facts = {
-        **bench.emulator_facts(data, "plug_in_blended_heldout", spec),
-        "recipe": transfer.asdict(bench.recipe),
-        "seed": 0,
-        "scored_rows": len(data.heldout),
-        "alpha": alpha,
-    }
+    facts = bench.probe_facts(data, "plug_in_blended_heldout", spec, 0, len(data.heldout), alpha=alpha)
     found = bench.cells.get(facts)
     if found is not None:
         return found

@@ -21,6 +21,7 @@ from .chunked_loss import chunked_rows
 from .examples import IGNORE, Example, TokenizedExample, encode, keep_end, leading_special_count
 from .memory import PeakRss
 from .model_loading import ensure_pad_token, input_device
+from .proxy_tuning import ProxyTuned
 
 ProgressCallback = Callable[[int, int], None]
 Returned = TypeVar("Returned")
@@ -46,13 +47,15 @@ def _hidden_at(
 
 
 def logits_at(
-    model: PreTrainedModel | PeftModel,
+    model: PreTrainedModel | PeftModel | ProxyTuned,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     rows: torch.Tensor,
     cols: torch.Tensor,
 ) -> torch.Tensor:
     """Logits at positions (rows[k], cols[k]) of a right-padded batch, shape [K, vocab]."""
+    if isinstance(model, ProxyTuned):
+        return model.combine(*(logits_at(m, input_ids, attention_mask, rows, cols) for m in model.members))
     hidden, head = _hidden_at(model, input_ids, attention_mask, rows, cols)
     return head(hidden).float()
 
@@ -179,7 +182,7 @@ def _queries_for(example: Example, tokenizer: PreTrainedTokenizerBase, max_lengt
 
 @torch.inference_mode()
 def _run_queries(
-    model: PreTrainedModel | PeftModel, queries: list[_Query], pad_id: int, batch_size: int
+    model: PreTrainedModel | PeftModel | ProxyTuned, queries: list[_Query], pad_id: int, batch_size: int
 ) -> Generator[Progress, None, list[list[list[float]]]]:
     """Log-probabilities [query][position][candidate]; yields after each batch, so a caller can pause between them."""
     results: list[list[list[float]]] = [[] for _ in queries]
@@ -212,7 +215,7 @@ def _drive(steps: Generator[Progress, None, Returned], progress: ProgressCallbac
 
 
 def _score_steps(
-    model: PreTrainedModel | PeftModel,
+    model: PreTrainedModel | PeftModel | ProxyTuned,
     tokenizer: PreTrainedTokenizerBase,
     examples: Sequence[Example],
     batch_size: int,
@@ -253,7 +256,7 @@ def _score_steps(
 
 
 def score_examples(
-    model: PreTrainedModel | PeftModel,
+    model: PreTrainedModel | PeftModel | ProxyTuned,
     tokenizer: PreTrainedTokenizerBase,
     examples: Sequence[Example],
     batch_size: int = 16,

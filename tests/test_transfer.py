@@ -7,12 +7,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from tiny_models import save_tiny_model, tokenizer
 from transformers import AutoModelForCausalLM
 
 from offsite.common import confidence
 from offsite.common.examples import IGNORE, Example, keep_end, tokenize_for_training
-from offsite.common.scoring import ExampleScore, evaluate
+from offsite.common.proxy_tuning import ProxyTuned
+from offsite.common.scoring import ExampleScore, evaluate, score_examples
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 sys.path.insert(0, str(BENCH))
@@ -180,3 +182,31 @@ def test_an_emulator_is_compared_with_the_uniform_drop_of_its_own_layout(tmp_pat
     versus = {v["emulator"]: v for v in report["versus_uniform"]}
     assert versus["distill:3-14-3"]["uniform"] == "uniform:3-14-3"
     assert versus["distill:3-14-3"]["mean"] == pytest.approx(0.25)
+
+
+def test_proxy_tuning_steers_the_base_by_the_experts_difference(tmp_path: Path) -> None:
+    models = [AutoModelForCausalLM.from_pretrained(save_tiny_model("llama", tmp_path / str(s), seed=s)) for s in (0, 1)]
+    base, expert = models
+    examples = [
+        Example(prompt=f"Review: film {i}\nSentiment:", completion=" positive", choices=(" negative", " positive"))
+        for i in range(4)
+    ]
+
+    def scores(model: torch.nn.Module) -> list[float]:
+        return [p for s in score_examples(model, tokenizer(), examples) for p in s.logprobs]
+
+    # no difference between expert and anti-expert leaves the base; the base as anti-expert gives the expert
+    assert scores(ProxyTuned(base, expert, expert)) == pytest.approx(scores(base), abs=1e-5)
+    assert scores(ProxyTuned(base, expert, base)) == pytest.approx(scores(expert), abs=1e-5)
+    assert scores(ProxyTuned(base, expert, base, alpha=0.5)) != pytest.approx(scores(expert), abs=1e-3)
+
+
+def test_proxy_bench_scores_one_adapter_three_ways_with_paired_differences() -> None:
+    import transfer_proxy
+
+    [record] = transfer_proxy.main(["--smoke"])
+    assert record["split"] == "heldout" and record["n"] > 0  # chosen on held-out rows, never the test split
+    for row in transfer_proxy.ROWS:
+        assert record[row]["ci_low"] <= record[row]["mean"] <= record[row]["ci_high"]
+    for other in ("zero_shot", "emulator_adapter", "plug_in"):
+        assert 0.0 <= record[f"proxy_minus_{other}"]["p_value"] <= 1.0
