@@ -55,17 +55,17 @@ def emulator_reader(
     remote_stepper: Stepper, adapter_dir: Path, config: PemaConfig, emulator_dir: Path, owner_key: str | None
 ) -> ReadingStepper:
     """The remote stepper's P_LM with the states of the emulator the adapter's memory was built with."""
+    if config.schedule == GATE:
+        raise ValueError(
+            "the gate weighs P_LM as its memory's states gave it, not the full model's: read the emulator with the "
+            "constant or gradual schedule"
+        )
     emulator, _, manifest = load_emulator(emulator_dir, owner_key)
     training = read_manifest(adapter_dir).get("training", {})
     if training.get("memory_source") != f"emulator {manifest['id']}":
         raise ValueError(
             f"{adapter_dir} was trained on a memory from {training.get('memory_source') or 'an unknown source'}, "
             f"not from emulator {manifest['id']}: it reads the states it learned on, so pass that emulator or none"
-        )
-    if config.schedule == GATE:
-        raise ValueError(
-            "the gate weighs P_LM as its memory's states gave it, not the full model's: read the emulator with the "
-            "constant or gradual schedule"
         )
     # Adapters trained before `memory_bridge` was recorded took the bridge wherever the bundle shipped one.
     bridge = load_bridge(emulator_dir, manifest, emulator) if training.get("memory_bridge", True) else None
