@@ -52,13 +52,13 @@ import torch
 from accelerate import PartialState
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from offsite.client.local_model import load_emulator
 from offsite.client.training import chosen_blocks, full, lora
 from offsite.client.training.config import TrainConfig
 from offsite.client.training.loop import fit
 from offsite.common.adapter_format import FULL, LORA
 from offsite.common.architectures import blocks, depth, get_module, spec_for
 from offsite.common.contract import DEFAULT_EMULATOR, DEFAULT_MODEL
+from offsite.common.emulator_loading import load_emulator
 from offsite.common.examples import Example, tokenize_for_training
 from offsite.common.memory import peak_rss_bytes
 from offsite.common.model_loading import ensure_pad_token, load_model

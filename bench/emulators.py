@@ -30,11 +30,11 @@ from typing import Any
 
 import torch
 
-from offsite.client.local_model import load_emulator, plug_into_emulator
 from offsite.client.training import train_adapter
 from offsite.client.training.config import TrainConfig
 from offsite.common.architectures import blocks
 from offsite.common.contract import DEFAULT_MODEL
+from offsite.common.emulator_loading import load_emulator, plug_into_emulator
 from offsite.common.examples import read_jsonl
 from offsite.common.model_loading import fingerprint, load_model
 from offsite.common.scoring import evaluate
@@ -90,7 +90,7 @@ class Bench:
         self.reused: list[str] = []
 
     def bundle(self, spec: EmulatorSpec) -> tuple[Path, dict[str, Any], float]:
-        directory = self.store.emulators_dir / self.fingerprint[:16] / spec.id
+        directory = self.store.emulator_dir(self.fingerprint, spec.id)
         started = time.perf_counter()
         if not (directory / "offsite.json").is_file():
             print(f"[bench] building {spec.method}:{spec.layout} ({spec.id}) ...", file=sys.stderr)

@@ -46,12 +46,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from offsite.client.local_model import load_emulator
 from offsite.client.training import train_adapter
 from offsite.client.training.config import DEFAULT_DP_DELTA, DEFAULT_DP_MAX_GRAD_NORM
 from offsite.common import confidence as stats
 from offsite.common.architectures import blocks
 from offsite.common.contract import DEFAULT_EMULATOR, DEFAULT_MODEL
+from offsite.common.emulator_loading import load_emulator
 from offsite.common.scoring import ExampleScore, score_examples
 from offsite.owner.adapters.plugin import plug
 from offsite.owner.config import DEFAULT_REPRESENT_TOP_K

@@ -14,10 +14,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from offsite.client.local_model import load_emulator, plug_into_emulator
 from offsite.client.training import train_adapter
 from offsite.client.training.config import TrainConfig
 from offsite.common.contract import DEFAULT_MODEL
+from offsite.common.emulator_loading import load_emulator, plug_into_emulator
 from offsite.common.examples import read_jsonl
 from offsite.common.model_loading import load_model
 from offsite.common.scoring import evaluate

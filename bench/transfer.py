@@ -36,7 +36,6 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from offsite.client.local_model import load_emulator, plug_into_emulator
 from offsite.client.training import lora, train_adapter
 from offsite.client.training.config import DEFAULT_LEARNING_RATE, TrainConfig
 from offsite.client.training.loop import fit
@@ -44,6 +43,7 @@ from offsite.common import confidence as stats
 from offsite.common.adapter_format import LORA
 from offsite.common.architectures import depth, spec_for
 from offsite.common.contract import DEFAULT_EMULATOR, DEFAULT_MODEL
+from offsite.common.emulator_loading import load_emulator, plug_into_emulator
 from offsite.common.examples import Example, tokenize_for_training
 from offsite.common.model_loading import ensure_pad_token, fingerprint, load_model
 from offsite.common.scoring import ExampleScore, score_examples
@@ -243,7 +243,7 @@ class TransferBench:
     def emulator(self, spec_text: str) -> tuple[Path, dict[str, Any]]:
         if spec_text not in self._emulators:
             spec = EmulatorSpec.parse(spec_text)
-            directory = self.store.emulators_dir / self.fingerprint[:16] / spec.id
+            directory = self.store.emulator_dir(self.fingerprint, spec.id)
             if not (directory / "offsite.json").is_file():
                 say(f"building emulator {spec_text} (cached in {directory})")
                 started = time.perf_counter()

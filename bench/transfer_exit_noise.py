@@ -26,8 +26,8 @@ import transfer_fidelity  # noqa: E402
 from results_files import write_results  # noqa: E402
 
 import offsite.client.training as training  # noqa: E402
-from offsite.client.local_model import load_emulator, plug_into_emulator  # noqa: E402
 from offsite.common.architectures import blocks  # noqa: E402
+from offsite.common.emulator_loading import load_emulator, plug_into_emulator  # noqa: E402
 from offsite.owner.adapters.plugin import plug  # noqa: E402
 from offsite.owner.emulator.statistics import covariance_factor  # noqa: E402
 

@@ -27,8 +27,8 @@ import transfer  # noqa: E402
 from results_files import write_results  # noqa: E402
 
 import offsite.client.training as training  # noqa: E402
-from offsite.client.local_model import load_emulator, plug_into_emulator  # noqa: E402
 from offsite.common.architectures import blocks  # noqa: E402
+from offsite.common.emulator_loading import load_emulator, plug_into_emulator  # noqa: E402
 from offsite.owner.adapters.plugin import plug  # noqa: E402
 from offsite.owner.emulator.distill import DistillConfig, nmse  # noqa: E402
 from offsite.owner.emulator.public_text import GUTENBERG_HELDOUT_TEXT, GUTENBERG_TEXT, load_chunks  # noqa: E402

@@ -27,9 +27,9 @@ import transfer  # noqa: E402
 from results_files import write_results  # noqa: E402
 from threads import one_thread_if  # noqa: E402
 
-from offsite.client.local_model import load_emulator, plug_into_emulator  # noqa: E402
 from offsite.client.training import train_adapter  # noqa: E402
 from offsite.common import confidence as stats  # noqa: E402
+from offsite.common.emulator_loading import load_emulator, plug_into_emulator  # noqa: E402
 from offsite.common.proxy_tuning import PROXY_ALPHA, ProxyTuned  # noqa: E402
 from offsite.owner.adapters.plugin import plug  # noqa: E402
 

@@ -7,19 +7,26 @@ from typing import Any
 
 from tqdm import tqdm
 
+from ..common.contract import PLUG_IN
+from ..common.emulator_loading import load_emulator, plug_into_emulator
 from ..common.examples import Example
 from ..common.rpc import pb
 from ..common.scoring import evaluate
 from .connection import Remote
-from .local_model import load_emulator, plug_into_emulator
 
 
 def evaluate_remote(
-    remote: Remote, examples: list[Example], adapter_id: str = "", batch_size: int = 0, show_progress: bool = True
+    remote: Remote,
+    examples: list[Example],
+    adapter_id: str = "",
+    batch_size: int = 0,
+    show_progress: bool = True,
+    delivery: str = PLUG_IN,
 ) -> dict[str, Any]:
     request = pb.EvaluateRequest(
         adapter_id=adapter_id,
         batch_size=batch_size,
+        delivery=delivery,
         examples=[
             pb.Example(prompt=e.prompt, completion=e.completion, choices=list(e.choices), text=e.text) for e in examples
         ],
@@ -35,6 +42,7 @@ def evaluate_remote(
                 return {
                     "where": "owner",
                     "adapter_id": adapter_id,
+                    "delivery": delivery,
                     "examples": report.examples,
                     "tokens": report.tokens,
                     "loss": report.loss,

@@ -2,54 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import torch
-from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
-from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel
 
-from ..common.adapter_format import LORA, renumber_blocks
-from ..common.architectures import spec_for
 from ..common.bridge import Bridge, bundle_bridge
-from ..common.contract import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE
-from ..common.manifest import read_manifest, verify_bundle, verify_files
-
-
-def load_emulator(
-    directory: Path, owner_key: str | None = None
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, dict]:
-    manifest = verify_bundle(directory, owner_key)
-    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
-    return model, AutoTokenizer.from_pretrained(directory), manifest
 
 
 def load_bridge(directory: Path, manifest: dict, emulator: PreTrainedModel) -> Bridge | None:
     """The bridge a bundle verified by `load_emulator` ships (checked against the emulator's width), or None."""
     return bundle_bridge(directory, manifest, int(emulator.config.hidden_size))
-
-
-def plug_into_emulator(emulator: PreTrainedModel, emulator_manifest: dict, adapter_dir: Path) -> torch.nn.Module:
-    """Maps the adapter's full-model block indices back to the emulator's and applies it."""
-    adapter_manifest = read_manifest(adapter_dir)
-    verify_files(adapter_dir, adapter_manifest)
-    if adapter_manifest["emulator"] != emulator_manifest["id"]:
-        raise ValueError(f"{adapter_dir} was trained on {adapter_manifest['emulator']}, not {emulator_manifest['id']}")
-    spec = spec_for(emulator.config)
-    blocks = emulator_manifest["adapter_blocks"]
-    to_emulator = dict(zip(blocks["full"], blocks["emulator"], strict=False))
-    state = renumber_blocks(load_file(str(adapter_dir / ADAPTER_WEIGHTS_FILE)), spec, to_emulator)
-    if adapter_manifest["method"] != LORA:
-        emulator.load_state_dict(state, strict=False)
-        return emulator.eval()
-    config = json.loads((adapter_dir / ADAPTER_CONFIG_FILE).read_text())
-    config["layers_to_transform"] = sorted(to_emulator[i] for i in config["layers_to_transform"])
-    config.pop("peft_type", None)
-    known = set(LoraConfig.__dataclass_fields__)
-    lora = LoraConfig(**{k: v for k, v in config.items() if k in known})
-    model = get_peft_model(emulator, lora)
-    result = set_peft_model_state_dict(model, state)
-    if result.unexpected_keys:
-        raise ValueError(f"adapter keys that fit no emulator module: {result.unexpected_keys[:3]}")
-    return model.eval()

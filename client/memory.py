@@ -16,6 +16,7 @@ from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from ..common import output_dir
 from ..common.bridge import BridgedRepresenter
+from ..common.emulator_loading import load_emulator
 from ..common.examples import Example
 from ..common.manifest import verify_bundle
 from ..common.pema.memory import Memory
@@ -29,7 +30,7 @@ from ..common.pema.representation import (
     teacher_forcing,
 )
 from .connection import Remote
-from .local_model import load_bridge, load_emulator
+from .local_model import load_bridge
 from .pull import model_card
 from .representations import RemoteRepresenter
 

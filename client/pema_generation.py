@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
+from ..common.emulator_loading import load_emulator
 from ..common.examples import encode
 from ..common.generation.loop import Piece, stream
 from ..common.generation.sampling import SamplingConfig
@@ -24,7 +25,7 @@ from ..common.pema.config import GATE, PemaConfig
 from ..common.pema.head import Head
 from ..common.pema.policy import pema_policy
 from .connection import Remote
-from .local_model import load_bridge, load_emulator
+from .local_model import load_bridge
 from .representations import RemoteRepresenter
 from .training.pema import load_head
 

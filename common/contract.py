@@ -49,6 +49,9 @@ DEFAULT_MAX_LENGTH = 256  # tokens per scored sequence (less where the model's c
 MAX_EVAL_BATCH_TOKENS = 16_384  # per forward: the batch-size cap is this over the scored length (64 at 256)
 MAX_CHOICES = 32  # per example
 MAX_EVAL_FORWARDS = 40_000  # sequences scored per request: an example with k choices can take k
+PLUG_IN = "plug_in"  # delivery of a stored adapter: plugged into the full model ("" on the wire)
+PROXY = "proxy"  # delivery: the full model steered by emulator+adapter − emulator (common/proxy_tuning.py)
+DELIVERIES = (PLUG_IN, PROXY)
 
 # Represent (PEMA)
 HEAD_ARTIFACT = "head"

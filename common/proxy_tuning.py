@@ -33,5 +33,5 @@ class ProxyTuned(torch.nn.Module):
         return self.base, self.expert, self.anti_expert
 
     def combine(self, base: torch.Tensor, expert: torch.Tensor, anti_expert: torch.Tensor) -> torch.Tensor:
-        """Each member's logits at the same positions, [K, vocab]: the steered logits."""
-        return base + self.alpha * (expert - anti_expert)
+        """Each member's logits at the same positions, [K, vocab]: the steered logits, on the base's device."""
+        return base + self.alpha * (expert.to(base.device) - anti_expert.to(base.device))

@@ -268,7 +268,7 @@ def score_examples(
 
 
 def evaluation_steps(
-    model: PreTrainedModel | PeftModel,
+    model: PreTrainedModel | PeftModel | ProxyTuned,
     tokenizer: PreTrainedTokenizerBase,
     examples: Sequence[Example],
     batch_size: int = 16,

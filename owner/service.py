@@ -25,6 +25,7 @@ from ..common.contract import (
     CHUNK_BYTES,
     CONTEXT_FALLBACK,
     DEFAULT_MAX_LENGTH,
+    DELIVERIES,
     HEAD_ARTIFACT,
     HEAD_FORMAT,
     MANIFEST_NAME,
@@ -40,20 +41,24 @@ from ..common.contract import (
     MAX_REPRESENT_TOKENS,
     MAX_TOP_K,
     MESSAGE_OVERHEAD_BYTES,
+    PLUG_IN,
+    PROXY,
     REPRESENT_DTYPES,
     REPRESENT_LOG_PROBS,
 )
 from ..common.examples import DataError, Example, encode
 from ..common.generation.loop import Piece, model_policy, stream
 from ..common.generation.sampling import SamplingConfig
-from ..common.generation.steppers import LocalStepper
+from ..common.generation.steppers import LocalStepper, ProxyStepper
 from ..common.manifest import BundleError, read_manifest, verify_bundle, write_manifest
 from ..common.model_loading import LoadedModel, fingerprint, tokenizer_sha256
 from ..common.pema.bundle import load_pema
 from ..common.pema.head import Head
 from ..common.pema.policy import pema_policy
+from ..common.proxy_tuning import ProxyTuned
 from ..common.scoring import EvaluationReport, Progress, evaluation_steps
 from ..common.signing import public_key_hex
+from .adapters.delivery import DeliveryRefused, check_proxy, proxy_tuned, requested_delivery
 from .adapters.plugin import plug
 from .adapters.validation import AdapterRejected, Check, validate_adapter
 from .config import (
@@ -68,7 +73,7 @@ from .emulator.report_card import check_release
 from .limits import BudgetExceeded, LimitExceeded, TenantLimits, TokenBudget, TokenRate
 from .model_queue import CallEnded, Job, ModelQueue, ModelQueueFull
 from .representations import ALL_LOG_PROBS, LAST_LOG_PROBS, NO_LOG_PROBS, RepresentationBatcher, Represented
-from .store import Store, TamperedAdapter, content_id, new_record
+from .store import AdapterRecord, Store, TamperedAdapter, content_id, new_record
 
 log = logging.getLogger(__name__)
 PLUGGED_CACHE_SIZE = 2
@@ -156,6 +161,13 @@ def invalid(message: str) -> OwnerError:
     return OwnerError("INVALID_ARGUMENT", message)
 
 
+def _delivery(requested: str, adapter_id: str) -> str:
+    try:
+        return requested_delivery(requested, adapter_id)
+    except ValueError as error:
+        raise invalid(str(error)) from None
+
+
 @dataclass
 class Artifact:
     """A signed bundle the owner offers through PullArtifact."""
@@ -225,7 +237,7 @@ class OwnerService:
         self.head = self._prepare_head()
         self.representations = RepresentationBatcher(loaded.model)
         self.represent_rate = TokenRate(self.limits.represent_tokens_per_second)
-        self._plugged: OrderedDict[str, torch.nn.Module] = OrderedDict()
+        self._plugged: OrderedDict[tuple[str, str], torch.nn.Module] = OrderedDict()  # by (adapter id, delivery)
         self._plug_lock = threading.Lock()
 
     def _prepare_emulator(self, spec: EmulatorSpec) -> Emulator:
@@ -233,7 +245,7 @@ class OwnerService:
 
         Raises ReleaseRefused when the release gate finds the emulator too close to the full model.
         """
-        directory = self.store.emulators_dir / self.fingerprint[:16] / spec.id
+        directory = self.store.emulator_dir(self.fingerprint, spec.id)
         manifest = None
         if directory.is_dir():
             try:
@@ -449,25 +461,37 @@ class OwnerService:
             log.error("%s", error)
             raise OwnerError("DATA_LOSS", str(error)) from None
 
-    def _model_for(self, tenant: str, adapter_id: str) -> torch.nn.Module:
+    def _model_for(self, tenant: str, adapter_id: str, delivery: str = PLUG_IN) -> torch.nn.Module:
         if not adapter_id:
             return self.loaded.model
         record = self.store.get_adapter(tenant, adapter_id)
         if record is None:
             raise OwnerError("NOT_FOUND", f"no adapter {adapter_id}")
-        if record.method == PEMA:
+        if record.method == PEMA and delivery == PLUG_IN:
             raise OwnerError(
                 "FAILED_PRECONDITION", "a PEMA adapter serves Generate; Evaluate scores LoRA and full ones"
             )
+        key = (adapter_id, delivery)
         with self._plug_lock:
-            if adapter_id in self._plugged:
-                self._plugged.move_to_end(adapter_id)
-                return self._plugged[adapter_id]
-            model = plug(self.loaded.model, self._verified_adapter_dir(adapter_id), record.method)
-            self._plugged[adapter_id] = model
+            if key in self._plugged:
+                self._plugged.move_to_end(key)
+                return self._plugged[key]
+            if delivery == PROXY:
+                model = self._proxy_tuned(record)
+            else:
+                model = plug(self.loaded.model, self._verified_adapter_dir(adapter_id), record.method)
+            self._plugged[key] = model
             while len(self._plugged) > PLUGGED_CACHE_SIZE:
                 self._plugged.popitem(last=False)
             return model
+
+    def _proxy_tuned(self, record: AdapterRecord) -> ProxyTuned:
+        emulator_dir = self.store.emulator_dir(self.fingerprint, record.emulator)
+        try:
+            check_proxy(record, emulator_dir)
+            return proxy_tuned(self.loaded.model, emulator_dir, self._verified_adapter_dir(record.id), self.public_key)
+        except DeliveryRefused as error:
+            raise OwnerError("FAILED_PRECONDITION", str(error)) from None
 
     def evaluate(
         self,
@@ -478,11 +502,13 @@ class OwnerService:
         limit: int,
         batch_size: int,
         stop: threading.Event | None = None,
+        delivery: str = "",
     ) -> Iterator[Progress | EvaluationReport]:
         """Progress events, then the report, one batch per turn in the model queue.
 
         Setting `stop` (the call ended) drops the evaluation while it waits, or stops it after its running batch.
         """
+        delivery = _delivery(delivery, adapter_id)
         if use_owner_data and examples:
             raise invalid("send examples or ask for the owner's data, not both")
         chosen = self.owner_examples if use_owner_data else examples
@@ -515,7 +541,7 @@ class OwnerService:
             )
 
         def steps() -> Iterator[Progress | EvaluationReport]:
-            model = self._model_for(tenant, adapter_id)  # plugging copies weights: model work, in the queue too
+            model = self._model_for(tenant, adapter_id, delivery)  # plugging copies weights: model work, in the queue
             batch = batch_size or min(self.eval_batch_size, most)
             yield from evaluation_steps(model, self.loaded.tokenizer, chosen, batch_size=batch, max_length=max_length)
 
@@ -529,8 +555,10 @@ class OwnerService:
         sampling: SamplingConfig,
         planned_length: int = 0,
         stop: threading.Event | None = None,
+        delivery: str = "",
     ) -> Iterator[Piece]:
         """One piece per token, one token per turn in the model queue; `stop` (the call ended) drops the rest."""
+        delivery = _delivery(delivery, adapter_id)
         try:
             sampling.check()
         except ValueError as error:
@@ -548,7 +576,7 @@ class OwnerService:
                 "prompt tokens)"
             )
         record = self.store.get_adapter(tenant, adapter_id) if adapter_id else None
-        pema = record is not None and record.method == PEMA
+        pema = record is not None and record.method == PEMA and delivery == PLUG_IN
 
         def steps() -> Iterator[Piece]:
             # In the first turn: loading a PEMA adapter or plugging one in is model work.
@@ -559,9 +587,10 @@ class OwnerService:
                 planned = [planned_length] if planned_length else None  # 0: the adapter predicts L from the prompt
                 policy = pema_policy(adapter, head, config, sampling.max_new_tokens, planned)
             else:
-                model, policy = self._model_for(tenant, adapter_id), model_policy
+                model, policy = self._model_for(tenant, adapter_id, delivery), model_policy
+            stepper = ProxyStepper(model) if isinstance(model, ProxyTuned) else LocalStepper(model)
             eos_id = self.loaded.tokenizer.eos_token_id
-            yield from stream(LocalStepper(model), prompt_ids, policy, sampling, eos_id, self.loaded.tokenizer)
+            yield from stream(stepper, prompt_ids, policy, sampling, eos_id, self.loaded.tokenizer)
 
         return self._queued(tenant, steps(), stop)
 
@@ -650,4 +679,5 @@ class OwnerService:
         if not self.store.delete_adapter(tenant, adapter_id):
             raise OwnerError("NOT_FOUND", f"no adapter {adapter_id}")
         with self._plug_lock:
-            self._plugged.pop(adapter_id, None)
+            for delivery in DELIVERIES:
+                self._plugged.pop((adapter_id, delivery), None)

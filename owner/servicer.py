@@ -253,6 +253,7 @@ class OwnerServicer(pb_grpc.ModelOwnerServicer):
             request.limit,
             request.batch_size,
             ended_event(context),
+            request.delivery,
         )
         with closing(events):  # closed when this stream is: the evaluation's work ends before its slot is freed
             for event in events:
@@ -273,7 +274,13 @@ class OwnerServicer(pb_grpc.ModelOwnerServicer):
             stop=tuple(request.stop),
         )
         pieces = self.service.generate(
-            tenant, request.adapter_id, request.prompt, sampling, request.planned_length, ended_event(context)
+            tenant,
+            request.adapter_id,
+            request.prompt,
+            sampling,
+            request.planned_length,
+            ended_event(context),
+            request.delivery,
         )
         tail, finish = "", ""
         with closing(pieces):  # closed when this stream is: its turn in the model queue is given up at once

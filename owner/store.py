@@ -175,6 +175,10 @@ class Store:
     def emulators_dir(self) -> Path:
         return self.root / "emulators"
 
+    def emulator_dir(self, base_fingerprint: str, emulator_id: str) -> Path:
+        """Where the emulator `emulator_id` of a base model is kept (built once, reused while it verifies)."""
+        return self.emulators_dir / base_fingerprint[:16] / emulator_id
+
     def signing_key(self) -> Ed25519PrivateKey:
         return load_or_create_private_key(self.root / "owner_signing_key.pem")
 

@@ -17,13 +17,14 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from transformers import PreTrainedModel
 
 from offsite.client.cli import main as client_main
-from offsite.client.local_model import load_bridge, load_emulator
+from offsite.client.local_model import load_bridge
 from offsite.client.memory import build_memory_local, hybrid_representer
 from offsite.client.pema_generation import emulator_reader
 from offsite.client.training.pema import train_pema_bundle
 from offsite.common.architectures import blocks
 from offsite.common.bridge import Bridge, BridgedRepresenter
 from offsite.common.contract import BRIDGE_WEIGHTS_FILE
+from offsite.common.emulator_loading import load_emulator
 from offsite.common.generation.steppers import LocalStepper
 from offsite.common.manifest import BundleError, read_manifest, write_manifest
 from offsite.common.model_loading import fingerprint, load_model

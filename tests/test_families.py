@@ -12,11 +12,11 @@ from safetensors.torch import load_file
 from tiny_models import FAMILIES
 from transformers import AutoModelForCausalLM
 
-from offsite.client.local_model import load_emulator, plug_into_emulator
 from offsite.client.training import train_adapter
 from offsite.client.training.config import TrainConfig
 from offsite.common.adapter_format import full_key_pattern, lora_key_pattern
 from offsite.common.architectures import ARCHITECTURES, blocks, depth
+from offsite.common.emulator_loading import load_emulator, plug_into_emulator
 from offsite.common.model_loading import fingerprint, load_model
 from offsite.common.scoring import evaluate
 from offsite.common.signing import load_or_create_private_key

@@ -16,12 +16,12 @@ from peft import LoraConfig, get_peft_model
 from tiny_models import FAMILIES, VOCAB, tokenizer
 
 from offsite.client.connection import RemoteError
-from offsite.client.local_model import load_emulator
 from offsite.client.pema_generation import generate_remote_pema
 from offsite.client.pull import pull_head
 from offsite.client.push import push_adapter
 from offsite.common.adapter_format import PEMA
 from offsite.common.contract import HEAD_ARTIFACT
+from offsite.common.emulator_loading import load_emulator
 from offsite.common.examples import encode
 from offsite.common.generation.loop import EOS, LENGTH, STOP, complete, decode, model_policy, stream
 from offsite.common.generation.sampling import SamplingConfig

@@ -9,10 +9,10 @@ import torch
 from tiny_models import DEPTH
 from transformers import AutoModelForCausalLM
 
-from offsite.client.local_model import plug_into_emulator
 from offsite.client.training import train_adapter
 from offsite.client.training.config import TrainConfig
 from offsite.common.architectures import blocks
+from offsite.common.emulator_loading import plug_into_emulator
 from offsite.common.examples import Example
 from offsite.common.model_loading import fingerprint, load_model
 from offsite.common.signing import load_or_create_private_key

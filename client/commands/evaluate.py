@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ...common.cli_output import emit
-from ...common.contract import MAX_STOP_STRINGS
+from ...common.contract import DELIVERIES, MAX_STOP_STRINGS, PLUG_IN, PROXY
 from ...common.examples import read_jsonl
 from ...common.generation.sampling import SamplingConfig
 from ...common.rpc import pb
@@ -25,7 +25,8 @@ def _format_report(report: dict[str, Any]) -> str:
     parts = [f"{report['examples']} examples", f"loss {report['loss']:.4f}", f"perplexity {report['perplexity']:.3f}"]
     if report.get("scored_choices"):
         parts.append(f"accuracy {accuracy:.4f} ({report['scored_choices']} with choices)")
-    return f"{report['where']}: " + ", ".join(parts) + f" in {report['seconds']:.1f} s"
+    where = f"{report['where']} ({report['delivery']})" if report.get("delivery") else report["where"]
+    return f"{where}: " + ", ".join(parts) + f" in {report['seconds']:.1f} s"
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -40,10 +41,12 @@ def cmd_eval(args: argparse.Namespace) -> None:
             )
         print(f"sending {len(examples)} examples to {args.server}", file=sys.stderr)
         with connect(target(args)) as remote:
-            report = evaluate_remote(remote, examples, args.adapter_id or "", args.batch_size)
+            report = evaluate_remote(remote, examples, args.adapter_id or "", args.batch_size, delivery=args.delivery)
     elif args.emulator:
         if args.adapter_id:
             raise ValueError("--adapter-id needs --server; locally use --adapter DIR")
+        if args.delivery != PLUG_IN:
+            raise ValueError(f"--delivery {args.delivery} runs on the owner: give --server and --adapter-id")
         report = evaluate_local(
             Path(args.emulator),
             examples,
@@ -89,6 +92,8 @@ def _pieces(args: argparse.Namespace, remote: Remote) -> Iterator[tuple[str, str
     if args.emulator and not args.adapter:
         raise ValueError("--emulator is read by a local hybrid PEMA adapter: give --adapter DIR too")
     if args.adapter:  # PEMA here, the owner's model through Represent
+        if args.delivery != PLUG_IN:
+            raise ValueError(f"--delivery {args.delivery} runs a pushed LoRA adapter on the owner: give --adapter-id")
         if not args.head:
             raise ValueError("--adapter (a local PEMA bundle) needs --head DIR")
         reader = Path(args.emulator) if args.emulator else None
@@ -105,6 +110,7 @@ def _pieces(args: argparse.Namespace, remote: Remote) -> Iterator[tuple[str, str
         seed=sampling.seed,
         stop=list(sampling.stop),
         planned_length=args.planned_length or 0,
+        delivery=args.delivery,
     )
     return ((event.text, event.finish_reason) for event in remote.generate(request))
 
@@ -112,6 +118,8 @@ def _pieces(args: argparse.Namespace, remote: Remote) -> Iterator[tuple[str, str
 def cmd_generate(args: argparse.Namespace) -> None:
     pieces: list[str] = []
     finish = ""
+    if args.adapter_id and not args.json:
+        print(f"adapter {args.adapter_id}, delivery {args.delivery}", file=sys.stderr)
     with connect(target(args)) as remote:
         for piece, reason in _pieces(args, remote):
             pieces.append(piece)
@@ -122,7 +130,18 @@ def cmd_generate(args: argparse.Namespace) -> None:
         print()
     text = "".join(pieces)
     if args.json:
-        emit({"ok": True, "text": text, "adapter_id": args.adapter_id or "", "finish_reason": finish}, True, text)
+        result = {"adapter_id": args.adapter_id or "", "delivery": args.delivery, "finish_reason": finish}
+        emit({"ok": True, "text": text, **result}, True, text)
+
+
+def add_delivery_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--delivery",
+        choices=DELIVERIES,
+        default=PLUG_IN,
+        help=f"how the owner serves --adapter-id: {PLUG_IN} into the full model, or {PROXY}: the full model steered "
+        "by the adapter on its emulator (LoRA only; about 1.5-2x the compute)",
+    )
 
 
 def register(commands: Commands) -> None:
@@ -134,6 +153,7 @@ def register(commands: Commands) -> None:
     evaluate.add_argument("--data", required=True)
     evaluate.add_argument("--limit", type=int)
     evaluate.add_argument("--batch-size", type=int, default=0)
+    add_delivery_flag(evaluate)
     evaluate.add_argument("--owner-key")
     evaluate.add_argument("--yes", action="store_true", help="with --server: agree to send the examples to the owner")
     evaluate.set_defaults(handler=cmd_eval)
@@ -157,6 +177,7 @@ def register(commands: Commands) -> None:
         help=f"end before this text (repeatable, up to {MAX_STOP_STRINGS}); the output excludes it",
     )
     generate.add_argument("--seed", type=int, default=0)
+    add_delivery_flag(generate)
     generate.add_argument(
         "--adapter", help="a local PEMA bundle: generate here, asking the owner only for f(x) and P_LM each step"
     )

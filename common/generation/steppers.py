@@ -5,6 +5,7 @@ position) and log P_LM (the model's next-token log-probs) for each row still run
 is the same column, one KV cache carries it from step to step, and a forward hook on the last block takes f(x).
 The data owner's remote stepper (client/pema_generation.py) asks `Represent` instead. `ReadingStepper` pairs two:
 log P_LM from one, the states PEMA reads from the other (hybrid PEMA reads the emulator it learned on).
+`ProxyStepper` runs a proxy-tuned model: one `LocalStepper` per member, their distributions combined.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from transformers import PreTrainedModel
 
 from ..architectures import blocks
 from ..model_loading import input_device
+from ..proxy_tuning import ProxyTuned
 from ..scoring import causal_model
 
 StepResult = tuple[torch.Tensor, torch.Tensor]  # f(x) [n, d] and log P_LM [n, V], float32
@@ -108,3 +110,24 @@ class ReadingStepper:
     def _pair(self, from_lm: StepResult, from_reader: StepResult) -> StepResult:
         states = from_reader[0] if self.transform is None else self.transform(from_reader[0])
         return states.float(), from_lm[1]
+
+
+class ProxyStepper:
+    """log P_LM of a proxy-tuned model: each member steps on its own `LocalStepper` and KV cache, and the members'
+    log-probs are combined as `ProxyTuned.combine` combines logits; f(x) is the base model's."""
+
+    def __init__(self, model: ProxyTuned):
+        self.model = model
+        self.members = [LocalStepper(member) for member in model.members]
+
+    def start(self, prompts: Sequence[Sequence[int]]) -> StepResult:
+        return self._combine([member.start(prompts) for member in self.members])
+
+    def advance(self, rows: Sequence[int], tokens: Sequence[int]) -> StepResult:
+        return self._combine([member.advance(rows, tokens) for member in self.members])
+
+    def _combine(self, results: list[StepResult]) -> StepResult:
+        states = results[0][0]
+        # log-probs are logits less a per-row constant, which the softmax drops: the same as combining logits
+        steered = self.model.combine(*(log_probs for _, log_probs in results))
+        return states, torch.log_softmax(steered, dim=-1)

@@ -229,18 +229,20 @@ class Example(_message.Message):
     def __init__(self, prompt: _Optional[str] = ..., completion: _Optional[str] = ..., choices: _Optional[_Iterable[str]] = ..., text: _Optional[str] = ...) -> None: ...
 
 class EvaluateRequest(_message.Message):
-    __slots__ = ("adapter_id", "examples", "use_owner_data", "limit", "batch_size")
+    __slots__ = ("adapter_id", "examples", "use_owner_data", "limit", "batch_size", "delivery")
     ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
     EXAMPLES_FIELD_NUMBER: _ClassVar[int]
     USE_OWNER_DATA_FIELD_NUMBER: _ClassVar[int]
     LIMIT_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    DELIVERY_FIELD_NUMBER: _ClassVar[int]
     adapter_id: str
     examples: _containers.RepeatedCompositeFieldContainer[Example]
     use_owner_data: bool
     limit: int
     batch_size: int
-    def __init__(self, adapter_id: _Optional[str] = ..., examples: _Optional[_Iterable[_Union[Example, _Mapping]]] = ..., use_owner_data: _Optional[bool] = ..., limit: _Optional[int] = ..., batch_size: _Optional[int] = ...) -> None: ...
+    delivery: str
+    def __init__(self, adapter_id: _Optional[str] = ..., examples: _Optional[_Iterable[_Union[Example, _Mapping]]] = ..., use_owner_data: _Optional[bool] = ..., limit: _Optional[int] = ..., batch_size: _Optional[int] = ..., delivery: _Optional[str] = ...) -> None: ...
 
 class EvaluationReport(_message.Message):
     __slots__ = ("examples", "tokens", "loss", "perplexity", "accuracy", "scored_choices", "seconds", "peak_rss_bytes", "accuracy_norm", "correct")
@@ -283,7 +285,7 @@ class Progress(_message.Message):
     def __init__(self, done: _Optional[int] = ..., total: _Optional[int] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("adapter_id", "prompt", "max_new_tokens", "temperature", "seed", "planned_length", "top_p", "stop")
+    __slots__ = ("adapter_id", "prompt", "max_new_tokens", "temperature", "seed", "planned_length", "top_p", "stop", "delivery")
     ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -292,6 +294,7 @@ class GenerateRequest(_message.Message):
     PLANNED_LENGTH_FIELD_NUMBER: _ClassVar[int]
     TOP_P_FIELD_NUMBER: _ClassVar[int]
     STOP_FIELD_NUMBER: _ClassVar[int]
+    DELIVERY_FIELD_NUMBER: _ClassVar[int]
     adapter_id: str
     prompt: str
     max_new_tokens: int
@@ -300,7 +303,8 @@ class GenerateRequest(_message.Message):
     planned_length: int
     top_p: float
     stop: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, adapter_id: _Optional[str] = ..., prompt: _Optional[str] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., seed: _Optional[int] = ..., planned_length: _Optional[int] = ..., top_p: _Optional[float] = ..., stop: _Optional[_Iterable[str]] = ...) -> None: ...
+    delivery: str
+    def __init__(self, adapter_id: _Optional[str] = ..., prompt: _Optional[str] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., seed: _Optional[int] = ..., planned_length: _Optional[int] = ..., top_p: _Optional[float] = ..., stop: _Optional[_Iterable[str]] = ..., delivery: _Optional[str] = ...) -> None: ...
 
 class GenerateEvent(_message.Message):
     __slots__ = ("text", "token_id", "done", "finish_reason")

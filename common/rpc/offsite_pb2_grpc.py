@@ -101,14 +101,14 @@ class ModelOwnerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Evaluate(self, request, context):
-        """The full model, plugged with a stored adapter (or none), scored on examples.
+        """The full model, plugged with a stored adapter (or none) or steered by it (delivery proxy), scored on examples.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Generate(self, request, context):
-        """The full model, plugged with a stored adapter (or none), generating text.
+        """The full model, plugged with a stored adapter (or none) or steered by it (delivery proxy), generating text.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
