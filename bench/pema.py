@@ -14,7 +14,8 @@ Every row trains on the same examples and decodes the same test prompts with the
   noise (`--key-noise` × the bridge's residual covariance; common/pema/training.py), GU and λ = λ_max;
   hybrid_reads_emulator, hybrid_reads_emulator_constant: the hybrid adapter reading, at generation too, the bridged
   emulator's states (the keys it learned on) while P_LM stays the full model's (common/generation/steppers.py's
-  ReadingStepper; `offsite generate --emulator`), GU and λ = λ_max;
+  ReadingStepper; `offsite generate --emulator`), GU and λ = λ_max; hybrid_reads_emulator_chosen: the same at the
+  constant λ that `bench/pema_key_noise.py --reading-lambdas` chose per task on held-out examples;
 - lora_emulator_plug_in: LoRA trained on the emulator and plugged into the full model (offsite-tuning);
 - lora_full: the ceiling, LoRA on every block of the full model, same recipe.
 The PEMA rank is chosen per task on the memory's held-out examples (never the test split). Each trained row runs
@@ -49,7 +50,6 @@ import numpy as np
 import torch
 from sacrebleu.metrics import BLEU, CHRF
 
-from offsite.client.local_model import load_emulator
 from offsite.client.training import lora, train_adapter
 from offsite.client.training.config import TrainConfig
 from offsite.client.training.loop import fit
@@ -57,6 +57,7 @@ from offsite.common import confidence as stats
 from offsite.common.architectures import depth, spec_for
 from offsite.common.bridge import Bridge, BridgedRepresenter
 from offsite.common.contract import DEFAULT_MODEL
+from offsite.common.emulator_loading import load_emulator
 from offsite.common.examples import Example, encode, tokenize_for_training
 from offsite.common.generation.loop import complete, model_policy
 from offsite.common.generation.sampling import SamplingConfig
@@ -99,6 +100,7 @@ ROWS = (
     "hybrid_key_noise_constant",
     "hybrid_reads_emulator",
     "hybrid_reads_emulator_constant",
+    "hybrid_reads_emulator_chosen",
     "lora_emulator_plug_in",
     "lora_full",
 )
@@ -111,6 +113,7 @@ HYBRID_VERSUS_REMOTE = (
     ("hybrid_key_noise_constant", "pema_constant", "key noise, constant λ"),
     ("hybrid_reads_emulator", "pema_gu", "reading the emulator, GU"),
     ("hybrid_reads_emulator_constant", "pema_constant", "reading the emulator, constant λ"),
+    ("hybrid_reads_emulator_chosen", "pema_constant", "reading the emulator, λ chosen on held-out examples"),
 )
 
 
@@ -119,6 +122,7 @@ class HybridRow(NamedTuple):
     schedule: str
     key_noise: bool  # trained with the bridge's residual as key noise
     reads_emulator: bool  # at generation PEMA reads the bridged emulator's states, not the full model's
+    chosen_lambda: bool = False  # constant λ from --reading-lambda-file (chosen on held-out examples), not λ_max
 
 
 HYBRID_ROWS = {
@@ -129,7 +133,9 @@ HYBRID_ROWS = {
     "hybrid_key_noise_constant": HybridRow("hybrid", CONSTANT, True, False),
     "hybrid_reads_emulator": HybridRow("hybrid", GRADUAL, False, True),
     "hybrid_reads_emulator_constant": HybridRow("hybrid", CONSTANT, False, True),
+    "hybrid_reads_emulator_chosen": HybridRow("hybrid", CONSTANT, False, True, chosen_lambda=True),
 }
+READING_LAMBDA_FILE = ROOT / "bench" / "results" / "pema_reading_lambda.json"
 RANKS = (64, 128, 256)  # the bottleneck sweep; d = 576 on SmolLM2-135M
 STOP = ("\n",)  # every task answers in one line
 DEFAULT_EMULATOR = "distill:2-8-2"
@@ -240,7 +246,7 @@ class PemaBench:
         self.head = Head.from_model(self.full)
         self.recipe = replace(load_recipe(), max_length=args.max_length, epochs=args.lora_epochs)
         spec = EmulatorSpec.parse(args.emulator)
-        self.emulator_dir = self.store.emulators_dir / self.fingerprint[:16] / spec.id
+        self.emulator_dir = self.store.emulator_dir(self.fingerprint, spec.id)
         if not (self.emulator_dir / "offsite.json").is_file():
             say(f"building emulator {args.emulator} (cached in {self.emulator_dir})")
             build_emulator(
@@ -426,8 +432,9 @@ class PemaBench:
     def hybrid(self, task: Task, seed: int, row: str) -> dict[str, Any]:
         """Run with GU as pema_gu is, or with constant λ as pema_constant is: the targets compare like with like."""
         rank = self.rank(task)
-        source, schedule, noisy, reads_emulator = HYBRID_ROWS[row]
+        source, schedule, noisy, reads_emulator, chosen_lambda = HYBRID_ROWS[row]
         key_noise = self.args.key_noise if noisy else 0.0
+        reading_lambda = self.reading_lambda(task) if chosen_lambda else None
         facts = self.facts(
             task,
             row,
@@ -436,11 +443,14 @@ class PemaBench:
             pema=asdict(self.pema_config),
             emulator_id=self.emulator_manifest["id"],
             **({"key_noise": key_noise} if noisy else {}),
+            **({"reading_lambda": reading_lambda} if reading_lambda is not None else {}),
         )
         cell = self.cells.get(facts)
         if cell is None:
             adapter, config, training = self.pema(task, source, seed, rank, key_noise)
             scheduled = replace(config, schedule=schedule)
+            if reading_lambda is not None:
+                scheduled = replace(scheduled, lambda_max=reading_lambda)
             decoded = self.decode(
                 self.full,
                 task,
@@ -450,6 +460,16 @@ class PemaBench:
             )
             cell = self.cells.put(facts, {"seed": seed, **decoded, **training})
         return cell
+
+    def reading_lambda(self, task: Task) -> float:
+        """The reading mode's λ for `task`, as bench/pema_key_noise.py chose it on held-out examples."""
+        path = Path(self.args.reading_lambda_file)
+        chosen = json.loads(path.read_text()).get("reading_lambda", {}) if path.is_file() else {}
+        if task.slug not in chosen:
+            raise SystemExit(
+                f"{path} has no reading λ for {task.slug}: run bench/pema_key_noise.py --reading-lambdas first"
+            )
+        return float(chosen[task.slug])
 
     def lora_config(self, seed: int, blocks: str) -> TrainConfig:
         return replace(self.recipe.train_config(seed), train_blocks=blocks)
@@ -580,6 +600,8 @@ def build_report(cells: Cells, tasks: dict[str, Task], emulator_id: str) -> dict
             ("hybrid_reads_emulator_constant", "zero_shot"),
             ("hybrid_reads_emulator", "hybrid"),
             ("hybrid_reads_emulator_constant", "hybrid_constant"),
+            ("hybrid_reads_emulator_chosen", "zero_shot"),
+            ("hybrid_reads_emulator_chosen", "hybrid_reads_emulator_constant"),
             ("pema_gu", "zero_shot"),
             ("lora_emulator_plug_in", "zero_shot"),
             ("lora_full", "zero_shot"),
@@ -652,6 +674,7 @@ ROW_NAMES = {
     "hybrid_key_noise_constant": "hybrid PEMA trained with key noise, constant λ",
     "hybrid_reads_emulator": "hybrid PEMA reading the emulator's states at generation, GU",
     "hybrid_reads_emulator_constant": "hybrid PEMA reading the emulator's states at generation, constant λ",
+    "hybrid_reads_emulator_chosen": "hybrid PEMA reading the emulator's states, λ chosen on held-out examples",
     "lora_emulator_plug_in": "LoRA on the emulator, plugged in",
     "lora_full": "LoRA on every block of the full model (ceiling)",
 }
@@ -785,6 +808,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--key-noise", type=float, default=HYBRID_KEY_NOISE, help="the key-noise rows' scale of the bridge's residual"
     )
+    parser.add_argument("--reading-lambda-file", default=str(READING_LAMBDA_FILE), help="per-task λ of the reading row")
     parser.add_argument("--lora-epochs", type=float, default=2.0)
     parser.add_argument("--report", action="store_true", help="only rebuild the results from the cells")
     parser.add_argument("--smoke", action="store_true", help="a tiny random model on a few rows, in seconds")
@@ -818,6 +842,8 @@ def smoke_arguments(args: argparse.Namespace) -> argparse.Namespace:
     args.emulator, args.seeds, args.ranks = "uniform:1-2-1", "0,1", [4, 8]
     args.train, args.test, args.max_new_tokens, args.batch = 24, 6, 8, 4
     args.pema_epochs, args.lora_epochs, args.progress = 2, 1.0, False
+    args.reading_lambda_file = str(work / "reading_lambda.json")  # the real file is chosen on SmolLM2's examples
+    Path(args.reading_lambda_file).write_text(json.dumps({"reading_lambda": {"e2e": 0.5, "multi30k_en_de": 0.5}}))
     return args
 
 

@@ -77,3 +77,14 @@ def test_corpus_bootstrap_separates_a_better_system_and_not_a_copy() -> None:
     assert better.difference.ci_low > 50 and better.p_value < 0.01
     same = confidence.statistic_compare(stats(bad), stats(bad), score)
     assert same.difference.mean == 0 and same.p_value == 1.0
+
+
+def test_reading_lambda_probe_mixes_pema_on_the_emulator_with_the_full_models_lm() -> None:
+    import pema_key_noise
+
+    report = pema_key_noise.main(["--smoke", "--scales", "", "--seeds", "0", "--reading-lambdas", "0,0.9"])
+    for probe in report["reading"]:
+        # λ 0 is the frozen model alone, whichever adapter and states PEMA reads
+        assert probe["reading"]["0"] == probe["hybrid_on_full"]["0"] == probe["remote"]["0"] == probe["frozen"]
+        assert probe["reading"]["0.9"] != probe["hybrid_on_full"]["0.9"]  # PEMA reads other states in each
+    assert set(report["reading_lambda"].values()) <= {0.0, 0.9}
