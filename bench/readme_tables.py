@@ -103,6 +103,41 @@ def transfer_emulators() -> str:
     return "\n".join(lines)
 
 
+def transfer_delivery_table() -> str:
+    report = _load("transfer_delivery.json")
+    lines = [
+        "| task (test rows) | delivery (held-out proxy − plug-in) | seeds | zero-shot | delivered | ceiling "
+        "| delivered − zero-shot |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for t in report["tasks"]:
+        heldout = report["choice"][t["task"]]["heldout_proxy_minus_plug_in"]["difference_mean"]
+        gain = t["delivered_minus_zero_shot"]
+        lines.append(
+            f"| {t['task']} ({t['n']}) | {t['delivery']} ({heldout * 100:+.1f}) | {len(t['seeds'])} | "
+            + " | ".join(_points(t[row]) for row in ("zero_shot", "delivered", "ceiling"))
+            + f" | {gain['difference_mean'] * 100:+.1f} [{gain['difference_ci_low'] * 100:+.1f}, "
+            f"{gain['difference_ci_high'] * 100:+.1f}] |"
+        )
+    suite = report["suite"]
+    if suite:
+        ratio = suite["gain_recovered"]
+        lines.append(
+            f"| **suite mean** ({len(suite['tasks'])} tasks) | | | "
+            + " | ".join(_points(suite[row]) for row in ("zero_shot", "delivered", "ceiling"))
+            + f" | {_points(suite['delivered_minus_zero_shot'])} |"
+        )
+        lines += [
+            "",
+            f"Gain recovered, (delivered − zero-shot) / (ceiling − zero-shot): {ratio['mean']:.2f} "
+            f"[{ratio['ci_low']:.2f}, {ratio['ci_high']:.2f}]; delivered − emulator + adapter: "
+            f"{_points(suite['delivered_minus_emulator_adapter'])} points.",
+        ]
+    if report["missing"]:
+        lines += ["", f"Not yet measured on test rows: {', '.join(report['missing'])}."]
+    return "\n".join(lines)
+
+
 def transfer_layouts_table() -> str:
     report = _load("transfer_layouts.json")
     lines = [
@@ -231,6 +266,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "transfer-targets": transfer_targets,
     "transfer-emulators": transfer_emulators,
     "transfer-layouts": transfer_layouts_table,
+    "transfer-delivery": transfer_delivery_table,
     "demo": demo_table,
     "pema": pema_table,
     # the rows that depend on the emulator, at the product's default one (the table above: distill:2-8-2)
@@ -247,6 +283,7 @@ TABLES: dict[str, Callable[[], str]] = {
             "hybrid_key_noise_constant",
             "hybrid_reads_emulator",
             "hybrid_reads_emulator_constant",
+            "hybrid_reads_emulator_chosen",
             "lora_emulator_plug_in",
         ),
     ),
