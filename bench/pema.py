@@ -375,6 +375,8 @@ class PemaBench:
             }
             facts_file.write_text(json.dumps(facts, indent=1) + "\n")
         adapter, config = load_pema(directory)
+        # λ_max only steers generation, and the directory does not name it: generate with this run's, as facts say
+        config = replace(config, lambda_max=self.pema_config.lambda_max)
         return adapter, config, json.loads(facts_file.read_text())
 
     @property

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -210,3 +211,46 @@ def test_proxy_bench_scores_one_adapter_three_ways_with_paired_differences() -> 
         assert record[row]["ci_low"] <= record[row]["mean"] <= record[row]["ci_high"]
     for other in ("zero_shot", "emulator_adapter", "plug_in"):
         assert 0.0 <= record[f"proxy_minus_{other}"]["p_value"] <= 1.0
+
+
+def test_delivery_is_chosen_on_heldout_rows_and_measured_on_test_rows(tmp_path: Path) -> None:
+    import transfer_delivery
+
+    cells, recipe = transfer.Cells(tmp_path), transfer.asdict(transfer.Recipe())
+    facts = {"model": "m", "rows_digest": "d", "test_rows": 4, "format": "plain", "metric": "acc"}
+    emulator = "distill:3-14-3"
+
+    def proxy(task: str, split: str, plug_in: str, delivered: str, seed: int = 0) -> None:
+        where = {**facts, "task": task, "row": f"proxy_{split}", "emulator": emulator, "seed": seed}
+        bits = {"zero_shot_bits": "0000", "emulator_adapter_bits": "1000", "plug_in_bits": plug_in}
+        cells.put({**where, "alpha": 1.0, "recipe": recipe}, {**bits, "proxy_bits": delivered})
+
+    def put(task: str, row: str, bits: str, **where: Any) -> None:
+        cells.put({**facts, "task": task, "row": row, **where}, {"acc_bits": bits, "acc_norm_bits": bits})
+
+    proxy("wins", "heldout", plug_in="1000", delivered="1100")  # proxy better on held-out rows
+    proxy("loses", "heldout", plug_in="1100", delivered="1100")  # a tie keeps the plug-in
+    proxy("wins", "test", plug_in="0000", delivered="1110")
+    proxy("loses", "test", plug_in="0000", delivered="1111")  # the plug-in was chosen: its test proxy is not used
+    for task in ("wins", "loses"):
+        put(task, "zero_shot", "0000")
+        put(task, "ceiling", "1111", recipe=recipe, seed=0)
+    put("loses", "plug_in", "1000", emulator=emulator, recipe=recipe, seed=0)
+    put("loses", "emulator_adapter", "1100", emulator=emulator, recipe=recipe, seed=0)
+
+    report = transfer_delivery.build_report(cells, transfer.Recipe(), emulator)
+    assert {t: c["delivery"] for t, c in report["choice"].items()} == {"wins": "proxy", "loses": "plug_in"}
+    delivered = {t["task"]: t["delivered"]["mean"] for t in report["tasks"]}
+    assert delivered == {"wins": pytest.approx(0.75), "loses": pytest.approx(0.25)}
+    assert report["suite"]["delivered_minus_zero_shot"]["mean"] == pytest.approx(0.5)
+    assert report["suite"]["gain_recovered"]["mean"] == pytest.approx(0.5)
+    assert not report["missing"]
+
+
+def test_delivery_bench_fills_its_cells_and_reports_from_a_smoke_run() -> None:
+    import transfer_delivery
+
+    report = transfer_delivery.main(["--smoke"])
+    assert set(report["choice"]) == {"sst2_sample"} and not report["missing"]
+    [task] = report["tasks"]
+    assert task["delivery"] in transfer_delivery.DELIVERIES and task["seeds"] == [0, 1]

@@ -1,0 +1,261 @@
+"""Deliver each task's adapter the way held-out rows favour (plug-in or proxy-tuning), then measure it on test rows.
+
+The plug-in's top blocks read the full model's middle, not the emulator's they learned on; proxy-tuning
+(common/proxy_tuning.py) keeps the adapter on the emulator and steers the full model's logits by the difference it
+makes there. Neither wins everywhere (bench/results/transfer_proxy.md), so the choice is made per task on held-out
+training rows, never on test rows: proxy-tuning where it scored higher than the plug-in there, the plug-in
+otherwise (a tie keeps the plug-in, which needs no emulator when serving). The delivered model is then compared on
+the test rows as bench/transfer.py compares the plug-in: against zero-shot, the emulator + adapter (the same
+adapter) and the ceiling, per task and over the suite, with the same targets.
+
+    python bench/transfer_delivery.py                       # fills what is missing (resumable), then reports
+    python bench/transfer_delivery.py --report              # only the report, from the cells
+    python bench/transfer_delivery.py --smoke               # a tiny model, seconds (the test suite runs it)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import transfer  # noqa: E402
+import transfer_proxy  # noqa: E402
+from cells import Cells  # noqa: E402
+from results_files import write_results  # noqa: E402
+from threads import one_thread_if  # noqa: E402
+
+from offsite.common import confidence as stats  # noqa: E402
+from offsite.common.proxy_tuning import PROXY_ALPHA  # noqa: E402
+
+OUT = transfer.ROOT / "bench" / "results" / "transfer_delivery"
+DELIVERIES = ("plug_in", "proxy")
+
+
+def _proxy_cells(cells: Cells, recipe: transfer.Recipe, emulator: str, split: str) -> dict[str, list[dict[str, Any]]]:
+    by_task: dict[str, list[dict[str, Any]]] = {}
+    for c in cells.all():
+        if (
+            c["row"] == f"proxy_{split}"
+            and c.get("emulator") == emulator
+            and c.get("alpha") == PROXY_ALPHA
+            and c.get("recipe") == asdict(recipe)
+        ):
+            by_task.setdefault(c["task"], []).append(c)
+    return {task: sorted(found, key=lambda c: c["seed"]) for task, found in by_task.items()}
+
+
+def choose(heldout: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """Per task, the delivery that scored higher on held-out rows (paired over the same rows and adapters)."""
+    chosen = {}
+    for task, found in heldout.items():
+        proxy, plug_in = transfer_proxy._bits(found, "proxy"), transfer_proxy._bits(found, "plug_in")
+        compared = stats.compare(proxy, plug_in, same_seeds=True).as_dict()
+        chosen[task] = {
+            "delivery": "proxy" if compared["difference_mean"] > 0 else "plug_in",
+            "heldout_rows": int(proxy.shape[1]),
+            "heldout_seeds": [c["seed"] for c in found],
+            "heldout_plug_in": float(plug_in.mean()),
+            "heldout_proxy": float(proxy.mean()),
+            "heldout_proxy_minus_plug_in": compared,
+        }
+    return chosen
+
+
+def build_report(cells: Cells, recipe: transfer.Recipe, emulator: str) -> dict[str, Any]:
+    """The delivered model per task and over the suite; tasks lacking a cell the comparison needs are listed."""
+    choice = choose(_proxy_cells(cells, recipe, emulator, "heldout"))
+    tested = _proxy_cells(cells, recipe, emulator, "test")
+    groups = transfer.collect(cells, recipe, None)
+    per_task, missing = [], []
+    matrices: dict[str, dict[str, np.ndarray]] = {}
+    for task, picked in choice.items():
+        metric = next((found[0]["metric"] for (t, _, _), found in groups.items() if t == task), None)
+        zero_shot, ceiling = groups.get((task, None, "zero_shot")), groups.get((task, None, "ceiling"))
+        if picked["delivery"] == "proxy":
+            found = tested.get(task, [])
+            delivered = transfer_proxy._bits(found, "proxy") if found else None
+            with_adapter = transfer_proxy._bits(found, "emulator_adapter") if found else None
+            seeds = [c["seed"] for c in found]
+        else:
+            plugged = groups.get((task, emulator, "plug_in"), [])
+            on_emulator = groups.get((task, emulator, "emulator_adapter"), [])
+            delivered = transfer._matrix(plugged, metric) if plugged and metric else None
+            with_adapter = transfer._matrix(on_emulator, metric) if on_emulator and metric else None
+            seeds = sorted(c["seed"] for c in plugged)
+        if delivered is None or with_adapter is None or not zero_shot or not ceiling:
+            missing.append(task)
+            continue
+        rows = {
+            "zero_shot": transfer._matrix(zero_shot, metric),
+            "emulator_adapter": with_adapter,
+            "delivered": delivered,
+            "ceiling": transfer._matrix(ceiling, metric),
+        }
+        matrices[task] = rows
+        per_task.append(
+            {
+                "task": task,
+                "metric": metric,
+                "delivery": picked["delivery"],
+                "seeds": seeds,
+                "n": int(delivered.shape[1]),
+                **{row: stats.estimate(m).as_dict() for row, m in rows.items()},
+                "delivered_minus_zero_shot": stats.compare(delivered, rows["zero_shot"]).as_dict(),
+                "delivered_minus_emulator_adapter": stats.compare(delivered, with_adapter, same_seeds=True).as_dict(),
+            }
+        )
+    return {
+        "emulator": emulator,
+        "alpha": PROXY_ALPHA,
+        "rule": "proxy where its held-out accuracy beats the plug-in's (paired), else the plug-in",
+        "choice": choice,
+        "tasks": per_task,
+        "missing": missing,
+        "suite": suite(matrices),
+    }
+
+
+def suite(matrices: dict[str, dict[str, np.ndarray]]) -> dict[str, Any]:
+    if not matrices:
+        return {}
+    rows = list(matrices.values())
+    out: dict[str, Any] = {"tasks": list(matrices)}
+    for row in ("zero_shot", "emulator_adapter", "delivered", "ceiling"):
+        out[row] = stats.suite_estimate([m[row] for m in rows]).as_dict()
+    out["delivered_minus_zero_shot"] = stats.suite_difference(
+        [(m["delivered"], m["zero_shot"]) for m in rows]
+    ).as_dict()
+    out["delivered_minus_emulator_adapter"] = stats.suite_difference(
+        [(m["delivered"], m["emulator_adapter"]) for m in rows], same_seeds=True
+    ).as_dict()
+    out["gain_recovered"] = stats.suite_ratio([(m["delivered"], m["zero_shot"], m["ceiling"]) for m in rows]).as_dict()
+    return out
+
+
+def _points(e: dict[str, float]) -> str:
+    return f"{e['mean'] * 100:.1f} [{e['ci_low'] * 100:.1f}, {e['ci_high'] * 100:.1f}]"
+
+
+def _difference(c: dict[str, Any]) -> str:
+    return (
+        f"{c['difference_mean'] * 100:+.1f} [{c['difference_ci_low'] * 100:+.1f}, "
+        f"{c['difference_ci_high'] * 100:+.1f}] (p {c['p_value']:.3f})"
+    )
+
+
+def _suite_difference(e: dict[str, float], scale: float = 100) -> str:
+    return f"{e['mean'] * scale:+.1f} [{e['ci_low'] * scale:+.1f}, {e['ci_high'] * scale:+.1f}]"
+
+
+def markdown(report: dict[str, Any]) -> str:
+    lines = [
+        "# The delivered model: plug-in or proxy-tuning, chosen per task on held-out rows",
+        "",
+        f"Emulator `{report['emulator']}`; rule: {report['rule']} (α = {report['alpha']:g}). Accuracy in points",
+        "(acc_norm for multi-token tasks), mean [95% bootstrap CI over examples and seeds]; differences paired on",
+        "the same test rows. Made by `python bench/transfer_delivery.py`.",
+        "",
+        "Choice on held-out training rows:",
+        "",
+        "| task | held-out rows | plug-in | proxy | proxy − plug-in | delivery |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    for task, c in report["choice"].items():
+        lines.append(
+            f"| {task} | {c['heldout_rows']} | {c['heldout_plug_in'] * 100:.1f} | {c['heldout_proxy'] * 100:.1f} | "
+            f"{_difference(c['heldout_proxy_minus_plug_in'])} | {c['delivery']} |"
+        )
+    lines += [
+        "",
+        "Test rows:",
+        "",
+        "| task (n) | delivery | seeds | zero-shot | emulator + adapter | delivered | ceiling "
+        "| delivered − zero-shot | delivered − emu+adapter |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for t in report["tasks"]:
+        lines.append(
+            f"| {t['task']} ({t['n']}) | {t['delivery']} | {','.join(map(str, t['seeds']))} | "
+            + " | ".join(_points(t[row]) for row in ("zero_shot", "emulator_adapter", "delivered", "ceiling"))
+            + " | "
+            + " | ".join(_difference(t[f"delivered_minus_{o}"]) for o in ("zero_shot", "emulator_adapter"))
+            + " |"
+        )
+    if report["missing"]:
+        lines += ["", f"Not yet measured on test rows: {', '.join(report['missing'])}."]
+    s = report["suite"]
+    if s:
+        lines += [
+            "",
+            f"Suite average over {len(s['tasks'])} tasks ({', '.join(s['tasks'])}):",
+            "",
+            "| zero-shot | emulator + adapter | delivered | ceiling | delivered − zero-shot "
+            "| delivered − emu+adapter | gain recovered |",
+            "|---:|---:|---:|---:|---:|---:|---:|",
+            "| "
+            + " | ".join(_points(s[row]) for row in ("zero_shot", "emulator_adapter", "delivered", "ceiling"))
+            + f" | {_suite_difference(s['delivered_minus_zero_shot'])}"
+            + f" | {_suite_difference(s['delivered_minus_emulator_adapter'])}"
+            + f" | {s['gain_recovered']['mean']:.2f} [{s['gain_recovered']['ci_low']:.2f}, "
+            f"{s['gain_recovered']['ci_high']:.2f}] |",
+        ]
+        above = [t["task"] for t in report["tasks"] if t["delivered_minus_zero_shot"]["difference_ci_low"] > 0]
+        below = [t["task"] for t in report["tasks"] if t["delivered_minus_zero_shot"]["difference_mean"] < 0]
+        lines += [
+            "",
+            f"Delivered significantly above zero-shot on {len(above)} of {len(report['tasks'])} tasks"
+            f" ({', '.join(above) or 'none'}); below it (in the mean) on {', '.join(below) or 'none'}.",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--choice-seeds", default="0", help="adapters whose held-out rows make the choice")
+    parser.add_argument("--ceiling-seeds", default="0", help="the ceiling is the same for either delivery")
+    known, rest = parser.parse_known_args(argv)
+    args = transfer.parse_args(rest)
+    args.ceiling_seeds = known.ceiling_seeds
+    recipe = transfer.load_recipe(Path(args.recipe))
+    if args.smoke:
+        args, recipe = transfer.smoke_arguments(args)
+        args.out = args.out + "-delivery"
+    else:
+        args.out = str(OUT) if args.out == str(transfer.RESULTS) else args.out
+    with one_thread_if(args.smoke):
+        if not args.report:
+            fill(transfer.TransferBench(args, recipe), args, [int(s) for s in known.choice_seeds.split(",") if s])
+        report = build_report(Cells(Path(args.cells)), recipe, args.default_emulator)
+    write_results(Path(args.out), report, markdown(report))
+    return report
+
+
+def fill(bench: transfer.TransferBench, args: argparse.Namespace, choice_seeds: list[int]) -> None:
+    """Every cell the report needs: the held-out choice, then the chosen delivery's test cells (cached ones skip)."""
+    tasks = [t for t in args.tasks.split(",") if t]
+    emulator = args.default_emulator
+    for task in tasks:
+        for seed in choice_seeds:
+            transfer_proxy.cell(bench, task, emulator, seed, "heldout")
+    choice = choose(_proxy_cells(bench.cells, bench.recipe, emulator, "heldout"))
+    for task in tasks:
+        data = bench.task(task)
+        bench.zero_shot(data)
+        for seed in (int(s) for s in args.ceiling_seeds.split(",") if s):
+            bench.ceiling(data, seed)
+    for seed in (int(s) for s in args.seeds.split(",") if s):  # seed by seed: a stopped run leaves whole seeds
+        for task in tasks:
+            if choice[task]["delivery"] == "proxy":
+                transfer_proxy.cell(bench, task, emulator, seed, "test")
+            else:
+                bench.offsite(bench.task(task), emulator, seed)
+
+
+if __name__ == "__main__":
+    main()
