@@ -1,12 +1,13 @@
-"""Deliver each task's adapter the way held-out rows favour (plug-in or proxy-tuning), then measure it on test rows.
+"""Deliver each task's adapter the way held-out rows favour, then measure it on test rows.
 
 The plug-in's top blocks read the full model's middle, not the emulator's they learned on; proxy-tuning
 (common/proxy_tuning.py) keeps the adapter on the emulator and steers the full model's logits by the difference it
-makes there. Neither wins everywhere (bench/results/transfer_proxy.md), so the choice is made per task on held-out
-training rows, never on test rows: proxy-tuning where it scored higher than the plug-in there, the plug-in
-otherwise (a tie keeps the plug-in, which needs no emulator when serving). The delivered model is then compared on
-the test rows as bench/transfer.py compares the plug-in: against zero-shot, the emulator + adapter (the same
-adapter) and the ceiling, per task and over the suite, with the same targets.
+makes there, and so can also serve an adapter on every emulator block, middle included (`--train-blocks every`),
+which could never plug in. None of the three wins everywhere (bench/results/transfer_proxy.md), so the choice is
+made per task on held-out training rows, never on test rows: the delivery that scored highest there (a tie keeps
+the plug-in, which needs no emulator when serving, then the recipe's top-block adapter). The delivered model is
+then compared on the test rows as bench/transfer.py compares the plug-in: against zero-shot, the emulator + the same
+adapter and the ceiling, per task and over the suite, with the same targets.
 
     python bench/transfer_delivery.py                       # fills what is missing (resumable), then reports
     python bench/transfer_delivery.py --report              # only the report, from the cells
@@ -16,8 +17,9 @@ adapter) and the ceiling, per task and over the suite, with the same targets.
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +32,22 @@ from cells import Cells  # noqa: E402
 from results_files import write_results  # noqa: E402
 from threads import one_thread_if  # noqa: E402
 
+from offsite.client.training.config import EVERY_BLOCK  # noqa: E402
 from offsite.common import confidence as stats  # noqa: E402
 from offsite.common.proxy_tuning import PROXY_ALPHA  # noqa: E402
 
 OUT = transfer.ROOT / "bench" / "results" / "transfer_delivery"
-DELIVERIES = ("plug_in", "proxy")
+# In order of preference on a tie: the plug-in needs no emulator when serving; the top-block adapter is the recipe's.
+# `proxy_every`: proxy-tuning with an adapter on every emulator block (`--train-blocks every`), which cannot plug in.
+DELIVERIES = ("plug_in", "proxy", "proxy_every")
+EVERY_DELIVERY = "proxy_every"
+
+
+def every_block(bench: transfer.TransferBench) -> transfer.TransferBench:
+    """The same bench (model, cells, store) training its adapters on every emulator block."""
+    twin = copy.copy(bench)
+    twin.recipe = replace(bench.recipe, train_blocks=EVERY_BLOCK)
+    return twin
 
 
 def _proxy_cells(cells: Cells, recipe: transfer.Recipe, emulator: str, split: str) -> dict[str, list[dict[str, Any]]]:
@@ -50,37 +63,60 @@ def _proxy_cells(cells: Cells, recipe: transfer.Recipe, emulator: str, split: st
     return {task: sorted(found, key=lambda c: c["seed"]) for task, found in by_task.items()}
 
 
-def choose(heldout: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
-    """Per task, the delivery that scored higher on held-out rows (paired over the same rows and adapters)."""
+def _delivery_cells(cells: Cells, recipe: transfer.Recipe, emulator: str, split: str) -> dict[str, dict[str, Any]]:
+    """Per task and delivery, the proxy bench's cells that score it: the top-block adapter's for plug-in and proxy,
+    the every-block adapter's for proxy_every."""
+    top = _proxy_cells(cells, recipe, emulator, split)
+    every = _proxy_cells(cells, replace(recipe, train_blocks=EVERY_BLOCK), emulator, split)
+    out: dict[str, dict[str, Any]] = {}
+    for task in sorted(top.keys() | every.keys()):
+        found = {"plug_in": top.get(task), "proxy": top.get(task), EVERY_DELIVERY: every.get(task)}
+        out[task] = {delivery: cells for delivery, cells in found.items() if cells}
+    return out
+
+
+def delivered_bits(found: list[dict[str, Any]], delivery: str) -> np.ndarray:
+    return transfer_proxy.row_bits(found, "plug_in" if delivery == "plug_in" else "proxy")
+
+
+def choose(heldout: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per task, the delivery with the highest held-out accuracy among those measured there (a tie keeps the
+    earlier of DELIVERIES), and each one's difference from the plug-in, paired over the same rows."""
     chosen = {}
-    for task, found in heldout.items():
-        proxy, plug_in = transfer_proxy._bits(found, "proxy"), transfer_proxy._bits(found, "plug_in")
-        compared = stats.compare(proxy, plug_in, same_seeds=True).as_dict()
+    for task, by_delivery in heldout.items():
+        if "plug_in" not in by_delivery:
+            continue  # the top-block cells are the reference every other delivery is compared with
+        accuracy = {d: delivered_bits(by_delivery[d], d) for d in DELIVERIES if d in by_delivery}
+        best = max(accuracy, key=lambda d: (accuracy[d].mean(), -DELIVERIES.index(d)))
+        plug_in = accuracy["plug_in"]
         chosen[task] = {
-            "delivery": "proxy" if compared["difference_mean"] > 0 else "plug_in",
-            "heldout_rows": int(proxy.shape[1]),
-            "heldout_seeds": [c["seed"] for c in found],
-            "heldout_plug_in": float(plug_in.mean()),
-            "heldout_proxy": float(proxy.mean()),
-            "heldout_proxy_minus_plug_in": compared,
+            "delivery": best,
+            "heldout_rows": int(plug_in.shape[1]),
+            "heldout_seeds": [c["seed"] for c in by_delivery["plug_in"]],
+            **{f"heldout_{d}": float(bits.mean()) for d, bits in accuracy.items()},
+            **{
+                f"heldout_{d}_minus_plug_in": stats.compare(bits, plug_in, same_seeds=True).as_dict()
+                for d, bits in accuracy.items()
+                if d != "plug_in"
+            },
         }
     return chosen
 
 
 def build_report(cells: Cells, recipe: transfer.Recipe, emulator: str) -> dict[str, Any]:
     """The delivered model per task and over the suite; tasks lacking a cell the comparison needs are listed."""
-    choice = choose(_proxy_cells(cells, recipe, emulator, "heldout"))
-    tested = _proxy_cells(cells, recipe, emulator, "test")
+    choice = choose(_delivery_cells(cells, recipe, emulator, "heldout"))
+    tested = _delivery_cells(cells, recipe, emulator, "test")
     groups = transfer.collect(cells, recipe, None)
     per_task, missing = [], []
     matrices: dict[str, dict[str, np.ndarray]] = {}
     for task, picked in choice.items():
         metric = next((found[0]["metric"] for (t, _, _), found in groups.items() if t == task), None)
         zero_shot, ceiling = groups.get((task, None, "zero_shot")), groups.get((task, None, "ceiling"))
-        if picked["delivery"] == "proxy":
-            found = tested.get(task, [])
-            delivered = transfer_proxy._bits(found, "proxy") if found else None
-            with_adapter = transfer_proxy._bits(found, "emulator_adapter") if found else None
+        if picked["delivery"] != "plug_in":
+            found = tested.get(task, {}).get(picked["delivery"], [])
+            delivered = delivered_bits(found, picked["delivery"]) if found else None
+            with_adapter = transfer_proxy.row_bits(found, "emulator_adapter") if found else None
             seeds = [c["seed"] for c in found]
         else:
             plugged = groups.get((task, emulator, "plug_in"), [])
@@ -113,7 +149,7 @@ def build_report(cells: Cells, recipe: transfer.Recipe, emulator: str) -> dict[s
     return {
         "emulator": emulator,
         "alpha": PROXY_ALPHA,
-        "rule": "proxy where its held-out accuracy beats the plug-in's (paired), else the plug-in",
+        "rule": "the delivery with the highest held-out accuracy (a tie keeps the plug-in, then the top-block proxy)",
         "choice": choice,
         "tasks": per_task,
         "missing": missing,
@@ -157,19 +193,23 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [
         "# The delivered model: plug-in or proxy-tuning, chosen per task on held-out rows",
         "",
-        f"Emulator `{report['emulator']}`; rule: {report['rule']} (α = {report['alpha']:g}). Accuracy in points",
-        "(acc_norm for multi-token tasks), mean [95% bootstrap CI over examples and seeds]; differences paired on",
-        "the same test rows. Made by `python bench/transfer_delivery.py`.",
+        f"Emulator `{report['emulator']}`; rule: {report['rule']} (α = {report['alpha']:g}). `plug_in` and",
+        "`proxy` deliver the recipe's adapter (LoRA on the top adapter blocks); `proxy_every` an adapter with LoRA",
+        "on every emulator block, which only proxy-tuning can serve; `emulator + adapter` is the delivered adapter",
+        "on the emulator. Accuracy in points (acc_norm for multi-token tasks), mean [95% bootstrap CI over examples",
+        "and seeds]; differences paired on the same test rows. Made by `python bench/transfer_delivery.py`.",
         "",
         "Choice on held-out training rows:",
         "",
-        "| task | held-out rows | plug-in | proxy | proxy − plug-in | delivery |",
-        "|---|---:|---:|---:|---:|---|",
+        "| task | held-out rows | plug-in | proxy | proxy, every block | proxy − plug-in "
+        "| proxy, every block − plug-in | delivery |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for task, c in report["choice"].items():
+        accuracy = [f"{c[f'heldout_{d}'] * 100:.1f}" if f"heldout_{d}" in c else "—" for d in DELIVERIES]
+        versus = [_difference(c[f"heldout_{d}_minus_plug_in"]) if f"heldout_{d}" in c else "—" for d in DELIVERIES[1:]]
         lines.append(
-            f"| {task} | {c['heldout_rows']} | {c['heldout_plug_in'] * 100:.1f} | {c['heldout_proxy'] * 100:.1f} | "
-            f"{_difference(c['heldout_proxy_minus_plug_in'])} | {c['delivery']} |"
+            f"| {task} | {c['heldout_rows']} | {' | '.join(accuracy)} | {' | '.join(versus)} | {c['delivery']} |"
         )
     lines += [
         "",
@@ -240,10 +280,12 @@ def fill(bench: transfer.TransferBench, args: argparse.Namespace, choice_seeds: 
     """Every cell the report needs: the held-out choice, then the chosen delivery's test cells (cached ones skip)."""
     tasks = [t for t in args.tasks.split(",") if t]
     emulator = args.default_emulator
+    every = every_block(bench)
     for task in tasks:
         for seed in choice_seeds:
             transfer_proxy.cell(bench, task, emulator, seed, "heldout")
-    choice = choose(_proxy_cells(bench.cells, bench.recipe, emulator, "heldout"))
+            transfer_proxy.cell(every, task, emulator, seed, "heldout")
+    choice = choose(_delivery_cells(bench.cells, bench.recipe, emulator, "heldout"))
     for task in tasks:
         data = bench.task(task)
         bench.zero_shot(data)
@@ -251,8 +293,9 @@ def fill(bench: transfer.TransferBench, args: argparse.Namespace, choice_seeds: 
             bench.ceiling(data, seed)
     for seed in (int(s) for s in args.seeds.split(",") if s):  # seed by seed: a stopped run leaves whole seeds
         for task in tasks:
-            if choice[task]["delivery"] == "proxy":
-                transfer_proxy.cell(bench, task, emulator, seed, "test")
+            if choice[task]["delivery"] != "plug_in":
+                chosen = every if choice[task]["delivery"] == EVERY_DELIVERY else bench
+                transfer_proxy.cell(chosen, task, emulator, seed, "test")
             else:
                 bench.offsite(bench.task(task), emulator, seed)
 

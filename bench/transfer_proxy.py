@@ -17,6 +17,7 @@ import argparse
 import hashlib
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from results_files import write_results  # noqa: E402
 from threads import one_thread_if  # noqa: E402
 
 from offsite.client.training import train_adapter  # noqa: E402
+from offsite.client.training.config import EVERY_BLOCK, TRAIN_BLOCKS  # noqa: E402
 from offsite.common import confidence as stats  # noqa: E402
 from offsite.common.emulator_loading import load_emulator, plug_into_emulator  # noqa: E402
 from offsite.common.proxy_tuning import PROXY_ALPHA, ProxyTuned  # noqa: E402
@@ -61,12 +63,9 @@ def cell(bench: transfer.TransferBench, task: str, spec: str, seed: int, split: 
     emulator, _, _ = load_emulator(directory)
     tuned = plug_into_emulator(load_emulator(directory)[0], manifest, adapter)
     full = bench.loaded.model
-    models = {
-        "zero_shot": full,
-        "emulator_adapter": tuned,
-        "plug_in": plug(full, adapter, "lora"),
-        "proxy": ProxyTuned(full, tuned, emulator),
-    }
+    models = {"zero_shot": full, "emulator_adapter": tuned, "proxy": ProxyTuned(full, tuned, emulator)}
+    if bench.recipe.train_blocks != EVERY_BLOCK:  # an adapter on every emulator block fits the emulator only
+        models["plug_in"] = plug(full, adapter, "lora")
     result: dict[str, Any] = {"metric": data.metric}
     if split == "test":  # the bench's zero-shot cell scored these rows in this format already
         del models["zero_shot"]
@@ -80,36 +79,42 @@ def cell(bench: transfer.TransferBench, task: str, spec: str, seed: int, split: 
     return bench.cells.put(facts, result)
 
 
-def _bits(cells: list[dict[str, Any]], row: str) -> np.ndarray:
+def row_bits(cells: list[dict[str, Any]], row: str) -> np.ndarray:
+    """Per-example outcomes [seed][example] of one row of these cells (one cell per seed)."""
     return np.array([[float(b) for b in c[f"{row}_bits"]] for c in cells])
 
 
-def report(found: dict[tuple[str, str], list[dict[str, Any]]]) -> list[dict[str, Any]]:
-    """Per task and split: each row's accuracy with its CI, and proxy against every other row, paired."""
+def report(found: dict[tuple[str, str, str], list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Per task, split and adapter blocks: each row's accuracy with its CI, and proxy against the others, paired."""
     out = []
-    for (task, split), cells in found.items():
-        record: dict[str, Any] = {"task": task, "split": split, "seeds": [c["seed"] for c in cells]}
+    for (task, split, blocks), cells in found.items():
+        record: dict[str, Any] = {"task": task, "split": split, "train_blocks": blocks}
+        record["seeds"] = [c["seed"] for c in cells]
         record["n"] = len(cells[0]["proxy_bits"])
-        for row in ROWS:
-            record[row] = stats.estimate(_bits(cells, row)).as_dict()
-        for other in ("zero_shot", "emulator_adapter", "plug_in"):
-            compared = stats.compare(_bits(cells, "proxy"), _bits(cells, other), same_seeds=True)
-            record[f"proxy_minus_{other}"] = compared.as_dict()
+        for row in (r for r in ROWS if f"{r}_bits" in cells[0]):
+            record[row] = stats.estimate(row_bits(cells, row)).as_dict()
+            if row != "proxy":
+                compared = stats.compare(row_bits(cells, "proxy"), row_bits(cells, row), same_seeds=True)
+                record[f"proxy_minus_{row}"] = compared.as_dict()
         out.append(record)
     return out
 
 
-def _points(estimate: dict[str, float]) -> str:
+def _points(estimate: dict[str, float] | None) -> str:
+    if estimate is None:
+        return "—"
     return f"{estimate['mean'] * 100:.1f} [{estimate['ci_low'] * 100:.1f}, {estimate['ci_high'] * 100:.1f}]"
 
 
-def _difference(compared: dict[str, Any]) -> str:
+def _difference(compared: dict[str, Any] | None) -> str:
+    if compared is None:
+        return "—"
     low, high, mean = (compared[f"difference_{k}"] * 100 for k in ("ci_low", "ci_high", "mean"))
     return f"{mean:+.1f} [{low:+.1f}, {high:+.1f}] (p {compared['p_value']:.3f})"
 
 
 HEADER = (
-    "| task | split | n | seeds | zero-shot | emulator + adapter | plug-in | proxy "
+    "| task | split | adapter blocks | n | seeds | zero-shot | emulator + adapter | plug-in | proxy "
     "| proxy − plug-in | proxy − emu+adapter | proxy − zero-shot |"
 )
 
@@ -120,19 +125,21 @@ def markdown(records: list[dict[str, Any]], spec: str) -> str:
         "",
         f"Emulator `{spec}`. One adapter per task and seed (the transfer recipe, trained on the emulator), scored",
         "on the emulator, plugged into the full model, and as proxy-tuning of the full model: z_full +",
-        f"α·(z_emulator+adapter − z_emulator), α = {PROXY_ALPHA:g}. Accuracy in points (acc_norm for multi-token",
-        "tasks), mean [95% bootstrap CI]; differences paired on the same rows. `heldout`: held-out training rows",
-        "(never test rows). Made by `python bench/transfer_proxy.py`.",
+        f"α·(z_emulator+adapter − z_emulator), α = {PROXY_ALPHA:g}. Adapter blocks `top`: the recipe's, LoRA on the",
+        f"emulator's top adapter blocks; `{EVERY_BLOCK}`: LoRA on every emulator block, its compressed middle too, an",
+        "adapter that fits the emulator only (no plug-in row). Accuracy in points (acc_norm for multi-token tasks),",
+        "mean [95% bootstrap CI]; differences paired on the same rows. `heldout`: held-out training rows (never test",
+        "rows). Made by `python bench/transfer_proxy.py [--train-blocks every]`.",
         "",
         HEADER,
-        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in records:
         lines.append(
-            f"| {r['task']} | {r['split']} | {r['n']} | {','.join(map(str, r['seeds']))} | "
-            + " | ".join(_points(r[row]) for row in ROWS)
+            f"| {r['task']} | {r['split']} | {r['train_blocks']} | {r['n']} | {','.join(map(str, r['seeds']))} | "
+            + " | ".join(_points(r.get(row)) for row in ROWS)
             + " | "
-            + " | ".join(_difference(r[f"proxy_minus_{o}"]) for o in ("plug_in", "emulator_adapter", "zero_shot"))
+            + " | ".join(_difference(r.get(f"proxy_minus_{o}")) for o in ("plug_in", "emulator_adapter", "zero_shot"))
             + " |"
         )
     return "\n".join(lines) + "\n"
@@ -145,12 +152,19 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--split", default="heldout", choices=["heldout", "test"])
     parser.add_argument("--out", default=str(OUT))
+    parser.add_argument(
+        "--train-blocks",
+        choices=TRAIN_BLOCKS,
+        help=f"the emulator blocks the adapter trains on, instead of the recipe's ({EVERY_BLOCK}: no plug-in row)",
+    )
     known, rest = parser.parse_known_args(argv)
     args = transfer.parse_args(rest)
     recipe = transfer.load_recipe()
     if args.smoke:
         args, recipe = transfer.smoke_arguments(args)
         known.tasks, known.emulator, known.out = args.tasks, args.default_emulator, args.out + "-proxy"
+    if known.train_blocks:
+        recipe = replace(recipe, train_blocks=known.train_blocks)
     with one_thread_if(args.smoke):
         return run(known, transfer.TransferBench(args, recipe))
 
@@ -159,10 +173,11 @@ def run(known: argparse.Namespace, bench: transfer.TransferBench) -> list[dict[s
     for task in (t for t in known.tasks.split(",") if t):
         for seed in (int(s) for s in known.seeds.split(",")):
             cell(bench, task, known.emulator, seed, known.split)
-    found: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    found: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     for c in bench.cells.all():
         if c["row"].startswith("proxy_") and c.get("emulator") == known.emulator and c["alpha"] == PROXY_ALPHA:
-            found.setdefault((c["task"], c["row"].removeprefix("proxy_")), []).append(c)
+            key = (c["task"], c["row"].removeprefix("proxy_"), c["recipe"]["train_blocks"])
+            found.setdefault(key, []).append(c)
     records = report({k: sorted(v, key=lambda c: c["seed"]) for k, v in sorted(found.items())})
     write_results(
         Path(known.out),

@@ -1,4 +1,5 @@
-"""Adapter bundles: PEFT LoRA directories or full-block safetensors, both keyed by full-model block indices."""
+"""Adapter bundles: PEFT LoRA directories or full-block safetensors, keyed by full-model block indices; or LoRA on
+every block of an emulator, keyed by the emulator's own indices (its manifest says `block_indices: emulator`)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,19 @@ FULL = "full"
 PEMA = "pema"
 METHODS = (LORA, FULL, PEMA)
 EMULATOR_METHODS = (LORA, FULL)  # trained inside an emulator's adapter blocks
+
+# Whose block indices an adapter's keys use. An adapter on the emulator's adapter blocks is renumbered to the full
+# model's and plugs in; one on every emulator block (the compressed middle too) fits the emulator only, so the owner
+# serves it by proxy-tuning (owner/adapters/delivery.py).
+FULL_MODEL_INDICES = "full"
+EMULATOR_INDICES = "emulator"
+BLOCK_INDICES_FIELD = "block_indices"
+
+
+def block_indices(adapter_manifest: dict[str, Any]) -> str:
+    """The adapter's block indexing; manifests written before emulator-indexed adapters existed are full-model."""
+    return adapter_manifest.get(BLOCK_INDICES_FIELD, FULL_MODEL_INDICES)
+
 
 # PEFT prefixes the wrapped model's own key names with this when it saves an adapter.
 PEFT_PREFIX = "base_model.model."

@@ -11,7 +11,7 @@ from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from .adapter_format import LORA, renumber_blocks
+from .adapter_format import EMULATOR_INDICES, LORA, block_indices, renumber_blocks
 from .architectures import spec_for
 from .contract import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE
 from .manifest import read_manifest, verify_bundle, verify_files
@@ -26,14 +26,17 @@ def load_emulator(
 
 
 def plug_into_emulator(emulator: PreTrainedModel, emulator_manifest: dict, adapter_dir: Path) -> torch.nn.Module:
-    """Maps the adapter's full-model block indices back to the emulator's and applies it."""
+    """Applies the adapter, mapping full-model block indices back to the emulator's (an emulator-indexed one as is)."""
     adapter_manifest = read_manifest(adapter_dir)
     verify_files(adapter_dir, adapter_manifest)
     if adapter_manifest["emulator"] != emulator_manifest["id"]:
         raise ValueError(f"{adapter_dir} was trained on {adapter_manifest['emulator']}, not {emulator_manifest['id']}")
     spec = spec_for(emulator.config)
     blocks = emulator_manifest["adapter_blocks"]
-    to_emulator = dict(zip(blocks["full"], blocks["emulator"], strict=False))
+    if block_indices(adapter_manifest) == EMULATOR_INDICES:
+        to_emulator = {i: i for i in range(len(emulator_manifest["block_map"]))}
+    else:
+        to_emulator = dict(zip(blocks["full"], blocks["emulator"], strict=False))
     state = renumber_blocks(load_file(str(adapter_dir / ADAPTER_WEIGHTS_FILE)), spec, to_emulator)
     if adapter_manifest["method"] != LORA:
         emulator.load_state_dict(state, strict=False)

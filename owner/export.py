@@ -21,7 +21,7 @@ from ..common.contract import ADAPTER_WEIGHTS_FILE
 from ..common.manifest import describe_files, read_manifest, sha256_file
 from ..common.model_loading import fingerprint, load_model
 from ..common.signing import public_key_hex, sign
-from .adapters.plugin import plug
+from .adapters.plugin import EmulatorOnlyAdapter, plug
 from .store import AdapterRecord, Store
 
 EXPORT_MANIFEST = "offsite_export.json"
@@ -74,7 +74,13 @@ def find_adapter(store: Store, adapter_id: str, tenant: str | None = None) -> Ad
 
 def merged_model(full: PreTrainedModel, adapter_dir: Path, method: str) -> PreTrainedModel:
     """The full model with the adapter folded into its weights; `full` itself is left untouched."""
-    plugged = plug(full, adapter_dir, method)  # the plug-in Evaluate and Generate use, so the export matches them
+    try:
+        plugged = plug(full, adapter_dir, method)  # the plug-in Evaluate and Generate use, so the export matches them
+    except EmulatorOnlyAdapter as error:
+        raise ExportRefused(
+            f"{error}: it fits the emulator only, so there is no full model to merge it into (the owner serves it "
+            "by proxy-tuning)"
+        ) from None
     if isinstance(plugged, PeftModel):
         return cast(PreTrainedModel, plugged.merge_and_unload())
     return cast(PreTrainedModel, plugged)

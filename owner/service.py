@@ -59,7 +59,7 @@ from ..common.proxy_tuning import ProxyTuned
 from ..common.scoring import EvaluationReport, Progress, evaluation_steps
 from ..common.signing import public_key_hex
 from .adapters.delivery import DeliveryRefused, check_proxy, proxy_tuned, requested_delivery
-from .adapters.plugin import plug
+from .adapters.plugin import EmulatorOnlyAdapter, plug
 from .adapters.validation import AdapterRejected, Check, validate_adapter
 from .config import (
     DEFAULT_LOG_PROBS_POLICY,
@@ -479,7 +479,12 @@ class OwnerService:
             if delivery == PROXY:
                 model = self._proxy_tuned(record)
             else:
-                model = plug(self.loaded.model, self._verified_adapter_dir(adapter_id), record.method)
+                try:
+                    model = plug(self.loaded.model, self._verified_adapter_dir(adapter_id), record.method)
+                except EmulatorOnlyAdapter as error:
+                    raise OwnerError(
+                        "FAILED_PRECONDITION", f"{error}: it fits the emulator only; ask for delivery {PROXY}"
+                    ) from None
             self._plugged[key] = model
             while len(self._plugged) > PLUGGED_CACHE_SIZE:
                 self._plugged.popitem(last=False)

@@ -22,9 +22,9 @@ from offsite.client.evaluation import evaluate_remote
 from offsite.client.pull import pull_emulator, pull_head
 from offsite.client.push import push_adapter
 from offsite.client.training import train_adapter
-from offsite.client.training.config import TrainConfig
-from offsite.common.adapter_format import FULL, PEMA
-from offsite.common.contract import HEAD_ARTIFACT, PLUG_IN, PROXY
+from offsite.client.training.config import EVERY_BLOCK, TrainConfig
+from offsite.common.adapter_format import BLOCK_INDICES_FIELD, EMULATOR_INDICES, FULL, PEMA
+from offsite.common.contract import ADAPTER_CONFIG_FILE, HEAD_ARTIFACT, PLUG_IN, PROXY
 from offsite.common.emulator_loading import load_emulator, plug_into_emulator
 from offsite.common.examples import encode
 from offsite.common.generation.steppers import LocalStepper, ProxyStepper
@@ -37,6 +37,8 @@ from offsite.common.pema.head import Head
 from offsite.common.proxy_tuning import ProxyTuned
 from offsite.common.rpc import pb
 from offsite.common.scoring import evaluate, logits_at, score_examples
+from offsite.owner.adapters.validation import AdapterRejected, validate_adapter
+from offsite.owner.export import ExportRefused, merged_model
 
 EMULATOR = "uniform-1-2-1"
 PROMPT = "Review: great film\nSentiment:"
@@ -50,14 +52,16 @@ class Pushed:
     emulator: Path  # the pulled bundle it was trained on
 
 
-def _train_and_push(owner: InProcessOwner, tmp_path: Path, method: str) -> Pushed:
+def _train_and_push(owner: InProcessOwner, tmp_path: Path, method: str, train_blocks: str = "all") -> Pushed:
+    if not (tmp_path / "emulator").is_dir():
+        with owner.remote() as remote:
+            pull_emulator(remote, tmp_path / "emulator", show_progress=False)
+    config = TrainConfig(method=method, epochs=1, learning_rate=1e-2, train_blocks=train_blocks)
+    out = tmp_path / f"{method}-{train_blocks}"
+    train_adapter(tmp_path / "emulator", sentiment_examples(16), config, out, show_progress=False)
     with owner.remote() as remote:
-        pull_emulator(remote, tmp_path / "emulator", show_progress=False)
-    config = TrainConfig(method=method, epochs=1, learning_rate=1e-2, train_blocks="all")
-    train_adapter(tmp_path / "emulator", sentiment_examples(16), config, tmp_path / method, show_progress=False)
-    with owner.remote() as remote:
-        adapter_id = push_adapter(remote, tmp_path / method, show_progress=False).adapter_id
-    return Pushed(adapter_id, tmp_path / method, tmp_path / "emulator")
+        adapter_id = push_adapter(remote, out, show_progress=False).adapter_id
+    return Pushed(adapter_id, out, tmp_path / "emulator")
 
 
 @pytest.fixture
@@ -223,3 +227,60 @@ def test_proxy_refuses_an_adapter_whose_emulator_the_store_lacks(owner: InProces
         assert f"emulator {EMULATOR}" in str(error) and "no longer holds it" in str(error)
     with owner.remote() as remote:  # plugging in needs no emulator
         assert evaluate_remote(remote, sentiment_examples(2), pushed.adapter_id, show_progress=False)["examples"] == 2
+
+
+def test_an_adapter_on_every_emulator_block_is_served_by_proxy_and_never_plugged_in(
+    owner: InProcessOwner, tmp_path: Path
+) -> None:
+    """LoRA on the emulator's compressed middle too: keyed by emulator blocks, validated, scored by proxy like an
+    in-process ProxyTuned, and refused (not silently misapplied) for plug-in and export."""
+    every = _train_and_push(owner, tmp_path, "lora", EVERY_BLOCK)
+    emulator_manifest = read_manifest(every.emulator)
+    depth = len(emulator_manifest["block_map"])
+    assert depth > len(emulator_manifest["adapter_blocks"]["emulator"]), "the emulator has middle blocks"
+    assert read_manifest(every.adapter)[BLOCK_INDICES_FIELD] == EMULATOR_INDICES
+    config = json.loads((every.adapter / ADAPTER_CONFIG_FILE).read_text())
+    assert config["layers_to_transform"] == list(range(depth))
+
+    examples = sentiment_examples(8, offset=3)
+    proxy = in_process_proxy(owner, every)
+    lora_blocks = {int(n.split(".layers.")[1].split(".")[0]) for n, _ in proxy.expert.named_modules() if "lora_A" in n}
+    assert lora_blocks == set(range(depth))
+    with owner.remote() as remote:
+        proxied = evaluate_remote(remote, examples, every.adapter_id, show_progress=False, delivery=PROXY)
+    assert proxied["loss"] == pytest.approx(evaluate(proxy, owner.service.loaded.tokenizer, examples).loss, abs=1e-4)
+    for error in refusals(owner, every.adapter_id, PLUG_IN):
+        assert error.code == grpc.StatusCode.FAILED_PRECONDITION
+        assert "every emulator block" in str(error) and f"delivery {PROXY}" in str(error)
+    with pytest.raises(ExportRefused, match="fits the emulator only"):
+        merged_model(owner.service.loaded.model, every.adapter, "lora")
+
+
+def test_validation_holds_an_emulator_indexed_adapter_to_the_emulator_blocks(
+    owner: InProcessOwner, tmp_path: Path
+) -> None:
+    every = _train_and_push(owner, tmp_path, "lora", EVERY_BLOCK)
+    emulator_manifest = read_manifest(every.emulator)
+    full, fingerprint = owner.service.loaded.model, owner.service.fingerprint
+    assert validate_adapter(every.adapter, full, emulator_manifest, fingerprint).method == "lora"
+    # Read as full-model indexed, its middle-block keys fall outside the adapter blocks.
+    body = read_manifest(every.adapter)
+    write_manifest(every.adapter, {k: v for k, v in body.items() if k not in (BLOCK_INDICES_FIELD, "files")})
+    with pytest.raises(AdapterRejected, match="subset of the adapter blocks"):
+        validate_adapter(every.adapter, full, emulator_manifest, fingerprint)
+    write_manifest(every.adapter, {**body, BLOCK_INDICES_FIELD: "sideways"})
+    with pytest.raises(AdapterRejected, match="block_indices must be 'full' or 'emulator'"):
+        validate_adapter(every.adapter, full, emulator_manifest, fingerprint)
+    full_blocks = tmp_path / "full-blocks"
+    train_adapter(
+        every.emulator, sentiment_examples(4), TrainConfig(method=FULL, epochs=1), full_blocks, show_progress=False
+    )
+    write_manifest(full_blocks, {**read_manifest(full_blocks), BLOCK_INDICES_FIELD: EMULATOR_INDICES})
+    with pytest.raises(AdapterRejected, match="only a lora adapter may be indexed by the emulator's blocks"):
+        validate_adapter(full_blocks, full, emulator_manifest, fingerprint)
+
+
+def test_every_block_training_refuses_a_full_block_adapter(tmp_path: Path, tiny_emulator: Path) -> None:
+    config = TrainConfig(method=FULL, epochs=1, train_blocks=EVERY_BLOCK)
+    with pytest.raises(ValueError, match="trains LoRA"):
+        train_adapter(tiny_emulator, sentiment_examples(4), config, tmp_path / "out", show_progress=False)

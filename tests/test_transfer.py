@@ -212,6 +212,10 @@ def test_proxy_bench_scores_one_adapter_three_ways_with_paired_differences() -> 
     for other in ("zero_shot", "emulator_adapter", "plug_in"):
         assert 0.0 <= record[f"proxy_minus_{other}"]["p_value"] <= 1.0
 
+    [every] = transfer_proxy.main(["--smoke", "--train-blocks", "every"])  # an adapter that fits the emulator only
+    assert every["train_blocks"] == "every" and "plug_in" not in every and "proxy_minus_plug_in" not in every
+    assert every["n"] == record["n"] and 0.0 <= every["proxy_minus_emulator_adapter"]["p_value"] <= 1.0
+
 
 def test_delivery_is_chosen_on_heldout_rows_and_measured_on_test_rows(tmp_path: Path) -> None:
     import transfer_delivery
@@ -224,6 +228,12 @@ def test_delivery_is_chosen_on_heldout_rows_and_measured_on_test_rows(tmp_path: 
         where = {**facts, "task": task, "row": f"proxy_{split}", "emulator": emulator, "seed": seed}
         bits = {"zero_shot_bits": "0000", "emulator_adapter_bits": "1000", "plug_in_bits": plug_in}
         cells.put({**where, "alpha": 1.0, "recipe": recipe}, {**bits, "proxy_bits": delivered})
+
+    def every(task: str, split: str, delivered: str, on_emulator: str = "1111") -> None:
+        """The every-block adapter's cell: no plug-in row."""
+        where = {**facts, "task": task, "row": f"proxy_{split}", "emulator": emulator, "seed": 0, "alpha": 1.0}
+        bits = {"zero_shot_bits": "0000", "emulator_adapter_bits": on_emulator, "proxy_bits": delivered}
+        cells.put({**where, "recipe": {**recipe, "train_blocks": "every"}}, bits)
 
     def put(task: str, row: str, bits: str, **where: Any) -> None:
         cells.put({**facts, "task": task, "row": row, **where}, {"acc_bits": bits, "acc_norm_bits": bits})
@@ -238,13 +248,26 @@ def test_delivery_is_chosen_on_heldout_rows_and_measured_on_test_rows(tmp_path: 
     put("loses", "plug_in", "1000", emulator=emulator, recipe=recipe, seed=0)
     put("loses", "emulator_adapter", "1100", emulator=emulator, recipe=recipe, seed=0)
 
+    every("wins", "heldout", delivered="1100")  # ties the top-block proxy: the recipe's adapter is kept
+    every("loses", "heldout", delivered="0100")  # below the plug-in
     report = transfer_delivery.build_report(cells, transfer.Recipe(), emulator)
     assert {t: c["delivery"] for t, c in report["choice"].items()} == {"wins": "proxy", "loses": "plug_in"}
+    assert report["choice"]["loses"]["heldout_proxy_every_minus_plug_in"]["difference_mean"] == pytest.approx(-0.25)
     delivered = {t["task"]: t["delivered"]["mean"] for t in report["tasks"]}
     assert delivered == {"wins": pytest.approx(0.75), "loses": pytest.approx(0.25)}
     assert report["suite"]["delivered_minus_zero_shot"]["mean"] == pytest.approx(0.5)
     assert report["suite"]["gain_recovered"]["mean"] == pytest.approx(0.5)
     assert not report["missing"]
+
+    # An every-block adapter that wins on held-out rows is measured by its own test cell, against itself on the
+    # emulator; until that cell exists the task is listed as missing, not filled from another delivery.
+    every("wins", "heldout", delivered="1110")
+    assert transfer_delivery.build_report(cells, transfer.Recipe(), emulator)["missing"] == ["wins"]
+    every("wins", "test", delivered="1111", on_emulator="1100")
+    report = transfer_delivery.build_report(cells, transfer.Recipe(), emulator)
+    [wins] = [t for t in report["tasks"] if t["task"] == "wins"]
+    assert wins["delivery"] == "proxy_every" and wins["delivered"]["mean"] == pytest.approx(1.0)
+    assert wins["emulator_adapter"]["mean"] == pytest.approx(0.5) and not report["missing"]
 
 
 def test_delivery_bench_fills_its_cells_and_reports_from_a_smoke_run() -> None:
@@ -254,3 +277,4 @@ def test_delivery_bench_fills_its_cells_and_reports_from_a_smoke_run() -> None:
     assert set(report["choice"]) == {"sst2_sample"} and not report["missing"]
     [task] = report["tasks"]
     assert task["delivery"] in transfer_delivery.DELIVERIES and task["seeds"] == [0, 1]
+    assert {"heldout_plug_in", "heldout_proxy", "heldout_proxy_every"} <= set(report["choice"]["sst2_sample"])

@@ -12,7 +12,7 @@ from ...common.memory import peak_rss_bytes
 from ...common.pema.config import HYBRID_KEY_NOISE, SCHEDULES, PemaConfig
 from ...common.processes import is_main_process
 from ..training import train_adapter
-from ..training.config import DEFAULT_LEARNING_RATE, TRAIN_BLOCKS, TrainConfig
+from ..training.config import DEFAULT_LEARNING_RATE, EVERY_BLOCK, TRAIN_BLOCKS, TrainConfig
 from ..training.pema import train_pema_bundle
 from . import Commands, add_command
 
@@ -137,7 +137,10 @@ def register(commands: Commands) -> None:
     train.add_argument("--lora-dropout", type=float, default=TrainConfig.lora_dropout)
     train.add_argument("--seed", type=int, default=0)
     train.add_argument(
-        "--train-blocks", choices=TRAIN_BLOCKS, default=TrainConfig.train_blocks, help="which adapter blocks learn"
+        "--train-blocks",
+        choices=TRAIN_BLOCKS,
+        default=TrainConfig.train_blocks,
+        help=f"which adapter blocks learn; {EVERY_BLOCK}: every emulator block, served by --delivery proxy only",
     )
     train.add_argument(
         "--dp-epsilon",

@@ -10,13 +10,20 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ...common import output_dir, processes
-from ...common.adapter_format import FULL, LORA, METHODS, adapter_manifest_body
+from ...common.adapter_format import (
+    BLOCK_INDICES_FIELD,
+    EMULATOR_INDICES,
+    FULL,
+    LORA,
+    METHODS,
+    adapter_manifest_body,
+)
 from ...common.architectures import ArchitectureSpec, spec_for
 from ...common.examples import Example, tokenize_for_training
 from ...common.manifest import verify_bundle, write_manifest
 from ...common.model_loading import ensure_pad_token
 from . import full, lora
-from .config import TRAIN_BLOCKS, TrainConfig
+from .config import EVERY_BLOCK, TRAIN_BLOCKS, TrainConfig
 from .loop import LoopStats, fit
 
 # Manifest fields from which the training-example count can be read (steps × batch size ÷ epochs; --limit). Under DP
@@ -43,9 +50,12 @@ class TrainResult:
 
 
 def chosen_blocks(manifest: dict[str, Any], which: str) -> dict[int, int]:
-    """Emulator → full index of the adapter blocks that learn; top/bottom split at the full model's middle."""
+    """Emulator index → the index the adapter's keys use: the full model's for adapter blocks (top/bottom split at
+    the full model's middle), the emulator's own for every block."""
     if which not in TRAIN_BLOCKS:
         raise ValueError(f"train blocks must be one of {', '.join(TRAIN_BLOCKS)}, not {which!r}")
+    if which == EVERY_BLOCK:
+        return {i: i for i in range(len(manifest["block_map"]))}
     blocks = manifest["adapter_blocks"]
     middle = manifest["base_depth"] / 2
     pairs = zip(blocks["emulator"], blocks["full"], strict=True)
@@ -77,6 +87,8 @@ def train_adapter(
     """Verifies the emulator bundle, trains its adapter blocks on `examples`, writes the adapter bundle."""
     if config.method not in METHODS:
         raise ValueError(f"unknown method {config.method!r}; choose one of {', '.join(METHODS)}")
+    if config.train_blocks == EVERY_BLOCK and config.method != LORA:
+        raise ValueError(f"train blocks {EVERY_BLOCK} trains LoRA; a {config.method} adapter would be the emulator")
     manifest = verify_bundle(emulator_dir, owner_key)
     torch.manual_seed(config.seed)
     emulator = AutoModelForCausalLM.from_pretrained(emulator_dir, dtype=torch.float32)
@@ -93,6 +105,8 @@ def train_adapter(
     data = tokenize_for_training(tokenizer, examples, config.max_length)
     stats = fit(model, data, ensure_pad_token(tokenizer), config, show_progress)
     extra = manifest_extra(config, len(examples), stats)
+    if config.train_blocks == EVERY_BLOCK:
+        extra[BLOCK_INDICES_FIELD] = EMULATOR_INDICES
     # under accelerate launch every rank holds the same weights: rank 0 writes them (and reports the count)
     parameters = _write(model, spec, mapping, manifest, config, extra, out) if processes.is_main_process() else 0
     processes.wait_for_everyone()

@@ -16,7 +16,18 @@ import torch
 from safetensors import SafetensorError, safe_open
 from transformers import PreTrainedModel
 
-from ...common.adapter_format import FULL, LORA, METHODS, PEMA, full_key_pattern, lora_key_pattern
+from ...common.adapter_format import (
+    BLOCK_INDICES_FIELD,
+    EMULATOR_INDICES,
+    FULL,
+    FULL_MODEL_INDICES,
+    LORA,
+    METHODS,
+    PEMA,
+    block_indices,
+    full_key_pattern,
+    lora_key_pattern,
+)
 from ...common.architectures import is_conv1d, spec_for
 from ...common.contract import (
     ADAPTER_CONFIG_FILE,
@@ -157,8 +168,10 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _check_lora(
-    shapes: dict[str, tuple[int, ...]], config: dict[str, Any], full: PreTrainedModel, blocks: set[int]
+    shapes: dict[str, tuple[int, ...]], config: dict[str, Any], full: PreTrainedModel, shaped_like: dict[int, int]
 ) -> list[Check]:
+    """`shaped_like`: each block index the adapter may name → the full-model block whose layers it must fit."""
+    blocks = set(shaped_like)
     spec = spec_for(full.config)
     pattern = lora_key_pattern(spec)
     if config.get("peft_type") != "LORA":
@@ -194,7 +207,7 @@ def _check_lora(
         if module_path.rsplit(".", 1)[-1] not in targets:
             raise AdapterRejected(f"{ADAPTER_WEIGHTS_FILE}: key {key} targets a module missing from target_modules")
         try:
-            target = full.get_submodule(f"{spec.blocks}.{index}.{module_path}")
+            target = full.get_submodule(f"{spec.blocks}.{shaped_like[index]}.{module_path}")
         except AttributeError:
             raise AdapterRejected(f"{ADAPTER_WEIGHTS_FILE}: key {key} names no module of the model") from None
         weight = getattr(target, "weight", None)
@@ -285,6 +298,21 @@ def _validate_pema(directory: Path, full: PreTrainedModel) -> ValidatedAdapter:
     return ValidatedAdapter(PEMA, sum(t.numel() for t in tensors.values()), checks)
 
 
+def _indexed_blocks(manifest: dict[str, Any], method: str, emulator_manifest: dict[str, Any]) -> dict[int, int]:
+    """The block indices this adapter may name, each → the full-model block whose shapes it has."""
+    indices = block_indices(manifest)
+    if indices == FULL_MODEL_INDICES:
+        return {b: b for b in emulator_manifest["adapter_blocks"]["full"]}
+    if indices != EMULATOR_INDICES:
+        raise AdapterRejected(
+            f"{MANIFEST_NAME}: {BLOCK_INDICES_FIELD} must be {FULL_MODEL_INDICES!r} or {EMULATOR_INDICES!r}, "
+            f"got {indices!r}"
+        )
+    if method != LORA:
+        raise AdapterRejected(f"{MANIFEST_NAME}: only a {LORA} adapter may be indexed by the emulator's blocks")
+    return dict(enumerate(emulator_manifest["block_map"]))  # emulator block i is shaped like full block block_map[i]
+
+
 def validate_adapter(
     directory: Path, full: PreTrainedModel, emulator_manifest: dict[str, Any], base_fingerprint: str
 ) -> ValidatedAdapter:
@@ -315,12 +343,12 @@ def validate_adapter(
     shapes = _read_header(weights)
     if not shapes:
         raise AdapterRejected(f"{ADAPTER_WEIGHTS_FILE} holds no tensors")
-    blocks = set(emulator_manifest["adapter_blocks"]["full"])
+    shaped_like = _indexed_blocks(manifest, method, emulator_manifest)
     if method == LORA:
-        checks = _check_lora(shapes, _read_json(directory / ADAPTER_CONFIG_FILE), full, blocks)
+        checks = _check_lora(shapes, _read_json(directory / ADAPTER_CONFIG_FILE), full, shaped_like)
     else:
         assert method == FULL
-        checks = _check_full(shapes, full, blocks)
+        checks = _check_full(shapes, full, set(shaped_like))
     tensors = _load_tensors(weights)  # only now: every name and shape checked out
     for key, tensor in tensors.items():
         if not torch.isfinite(tensor).all():
