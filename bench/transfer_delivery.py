@@ -39,14 +39,18 @@ from offsite.common.proxy_tuning import PROXY_ALPHA  # noqa: E402
 OUT = transfer.ROOT / "bench" / "results" / "transfer_delivery"
 # In order of preference on a tie: the plug-in needs no emulator when serving; the top-block adapter is the recipe's.
 # `proxy_every`: proxy-tuning with an adapter on every emulator block (`--train-blocks every`), which cannot plug in.
-DELIVERIES = ("plug_in", "proxy", "proxy_every")
 EVERY_DELIVERY = "proxy_every"
+DELIVERIES = ("plug_in", "proxy", EVERY_DELIVERY)
+
+
+def every_block_recipe(recipe: transfer.Recipe) -> transfer.Recipe:
+    return replace(recipe, train_blocks=EVERY_BLOCK)
 
 
 def every_block(bench: transfer.TransferBench) -> transfer.TransferBench:
     """The same bench (model, cells, store) training its adapters on every emulator block."""
     twin = copy.copy(bench)
-    twin.recipe = replace(bench.recipe, train_blocks=EVERY_BLOCK)
+    twin.recipe = every_block_recipe(bench.recipe)
     return twin
 
 
@@ -67,7 +71,7 @@ def _delivery_cells(cells: Cells, recipe: transfer.Recipe, emulator: str, split:
     """Per task and delivery, the proxy bench's cells that score it: the top-block adapter's for plug-in and proxy,
     the every-block adapter's for proxy_every."""
     top = _proxy_cells(cells, recipe, emulator, split)
-    every = _proxy_cells(cells, replace(recipe, train_blocks=EVERY_BLOCK), emulator, split)
+    every = _proxy_cells(cells, every_block_recipe(recipe), emulator, split)
     out: dict[str, dict[str, Any]] = {}
     for task in sorted(top.keys() | every.keys()):
         found = {"plug_in": top.get(task), "proxy": top.get(task), EVERY_DELIVERY: every.get(task)}
