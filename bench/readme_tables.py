@@ -125,17 +125,17 @@ def transfer_delivery_table() -> str:
         )
     suite = report["suite"]
     if suite:
-        ratio = suite["gain_recovered"]
+        gain = suite["delivered_minus_zero_shot"]
         lines.append(
             f"| **suite mean** ({len(suite['tasks'])} tasks) | | | "
             + " | ".join(_points(suite[row]) for row in ("zero_shot", "delivered", "ceiling"))
-            + f" | {_points(suite['delivered_minus_zero_shot'])} |"
+            + f" | {gain['mean'] * 100:+.1f} [{gain['ci_low'] * 100:+.1f}, {gain['ci_high'] * 100:+.1f}] |"
         )
         lines += [
             "",
-            f"Gain recovered, (delivered − zero-shot) / (ceiling − zero-shot): {ratio['mean']:.2f} "
-            f"[{ratio['ci_low']:.2f}, {ratio['ci_high']:.2f}]; delivered − emulator + adapter: "
-            f"{_points(suite['delivered_minus_emulator_adapter'])} points.",
+            "| target | measured | met |",
+            "|---|---|---|",
+            *(f"| {t['target']} | {t['measured']} | {'yes' if t['met'] else 'no'} |" for t in report["targets"]),
         ]
     if report["missing"]:
         lines += ["", f"Not yet measured on test rows: {', '.join(report['missing'])}."]

@@ -150,6 +150,7 @@ def build_report(cells: Cells, recipe: transfer.Recipe, emulator: str) -> dict[s
                 "delivered_minus_emulator_adapter": stats.compare(delivered, with_adapter, same_seeds=True).as_dict(),
             }
         )
+    summary = suite(matrices)
     return {
         "emulator": emulator,
         "alpha": PROXY_ALPHA,
@@ -157,8 +158,40 @@ def build_report(cells: Cells, recipe: transfer.Recipe, emulator: str) -> dict[s
         "choice": choice,
         "tasks": per_task,
         "missing": missing,
-        "suite": suite(matrices),
+        "suite": summary,
+        "targets": targets(summary, per_task),
     }
+
+
+def targets(summary: dict[str, Any], per_task: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """bench/transfer.py's targets for the plug-in, asked of the delivered model."""
+    if not summary:
+        return []
+    ratio, gap = summary["gain_recovered"], summary["delivered_minus_emulator_adapter"]
+    below = [t["task"] for t in per_task if t["delivered_minus_zero_shot"]["difference_mean"] < 0]
+    above = [t["task"] for t in per_task if t["delivered_minus_zero_shot"]["difference_ci_low"] > 0]
+    return [
+        {
+            "target": f"delivered − zero-shot ≥ {transfer.GAIN_RECOVERED_TARGET:g} × (ceiling − zero-shot)",
+            "measured": f"{_ratio(ratio)} of the ceiling's gain",
+            "met": bool(ratio["mean"] >= transfer.GAIN_RECOVERED_TARGET),
+        },
+        {
+            "target": f"delivered − (emulator + adapter) ≥ {transfer.EMULATOR_GAP_TARGET * 100:g} points",
+            "measured": f"{_suite_difference(gap)} points",
+            "met": bool(gap["mean"] >= transfer.EMULATOR_GAP_TARGET),
+        },
+        {
+            "target": "delivered ≥ zero-shot on every task (in the mean)",
+            "measured": f"below on {', '.join(below)}" if below else f"all {len(per_task)}",
+            "met": not below,
+        },
+        {
+            "target": f"delivered significantly above zero-shot on ≥ {transfer.SIGNIFICANT_TASKS_TARGET} tasks",
+            "measured": f"{len(above)} of {len(per_task)}" + (f" ({', '.join(above)})" if above else ""),
+            "met": len(above) >= transfer.SIGNIFICANT_TASKS_TARGET,
+        },
+    ]
 
 
 def suite(matrices: dict[str, dict[str, np.ndarray]]) -> dict[str, Any]:
@@ -191,6 +224,10 @@ def _difference(c: dict[str, Any]) -> str:
 
 def _suite_difference(e: dict[str, float], scale: float = 100) -> str:
     return f"{e['mean'] * scale:+.1f} [{e['ci_low'] * scale:+.1f}, {e['ci_high'] * scale:+.1f}]"
+
+
+def _ratio(e: dict[str, float]) -> str:
+    return f"{e['mean']:.2f} [{e['ci_low']:.2f}, {e['ci_high']:.2f}]"
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -246,17 +283,17 @@ def markdown(report: dict[str, Any]) -> str:
             + " | ".join(_points(s[row]) for row in ("zero_shot", "emulator_adapter", "delivered", "ceiling"))
             + f" | {_suite_difference(s['delivered_minus_zero_shot'])}"
             + f" | {_suite_difference(s['delivered_minus_emulator_adapter'])}"
-            + f" | {s['gain_recovered']['mean']:.2f} [{s['gain_recovered']['ci_low']:.2f}, "
-            f"{s['gain_recovered']['ci_high']:.2f}] |",
-        ]
-        above = [t["task"] for t in report["tasks"] if t["delivered_minus_zero_shot"]["difference_ci_low"] > 0]
-        below = [t["task"] for t in report["tasks"] if t["delivered_minus_zero_shot"]["difference_mean"] < 0]
-        lines += [
+            + f" | {_ratio(s['gain_recovered'])} |",
             "",
-            f"Delivered significantly above zero-shot on {len(above)} of {len(report['tasks'])} tasks"
-            f" ({', '.join(above) or 'none'}); below it (in the mean) on {', '.join(below) or 'none'}.",
+            targets_table(report["targets"]),
         ]
     return "\n".join(lines) + "\n"
+
+
+def targets_table(found: list[dict[str, Any]]) -> str:
+    lines = ["| target (suite of the tasks above) | measured | met |", "|---|---|---|"]
+    lines += [f"| {t['target']} | {t['measured']} | {'yes' if t['met'] else '**no**'} |" for t in found]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -14,6 +14,7 @@ rows (never test rows) by default, so that the delivery can be chosen here.
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import json
 import sys
@@ -61,7 +62,7 @@ def cell(bench: transfer.TransferBench, task: str, spec: str, seed: int, split: 
         train = bench.examples(data.train[: bench.recipe.train_rows], fmt)
         train_adapter(directory, train, bench.recipe.train_config(seed), adapter, show_progress=bench.args.progress)
     emulator, _, _ = load_emulator(directory)
-    tuned = plug_into_emulator(load_emulator(directory)[0], manifest, adapter)
+    tuned = plug_into_emulator(copy.deepcopy(emulator), manifest, adapter)  # the untuned one stays the anti-expert
     full = bench.loaded.model
     models = {"zero_shot": full, "emulator_adapter": tuned, "proxy": ProxyTuned(full, tuned, emulator)}
     if bench.recipe.train_blocks != EVERY_BLOCK:  # an adapter on every emulator block fits the emulator only

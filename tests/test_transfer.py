@@ -258,6 +258,10 @@ def test_delivery_is_chosen_on_heldout_rows_and_measured_on_test_rows(tmp_path: 
     assert report["suite"]["delivered_minus_zero_shot"]["mean"] == pytest.approx(0.5)
     assert report["suite"]["gain_recovered"]["mean"] == pytest.approx(0.5)
     assert not report["missing"]
+    met = {t["target"]: t["met"] for t in report["targets"]}
+    assert met["delivered − zero-shot ≥ 0.7 × (ceiling − zero-shot)"] is False  # 0.5 of the gain
+    assert met["delivered − (emulator + adapter) ≥ 3 points"] is True  # (+0.5 − 0.25) / 2
+    assert met["delivered ≥ zero-shot on every task (in the mean)"] is True
 
     # An every-block adapter that wins on held-out rows is measured by its own test cell, against itself on the
     # emulator; until that cell exists the task is listed as missing, not filled from another delivery.
