@@ -17,6 +17,9 @@ Every row trains on the same examples and decodes the same test prompts with the
   ReadingStepper; `offsite generate --emulator`), GU and λ = λ_max; hybrid_reads_emulator_chosen: the same at the
   constant λ that `bench/pema_key_noise.py --reading-lambdas` chose per task on held-out examples;
 - lora_emulator_plug_in: LoRA trained on the emulator and plugged into the full model (offsite-tuning);
+  lora_emulator_proxy: the same adapter served by proxy-tuning, the full model's log-probs steered by what the
+  adapter changes on the emulator; lora_emulator_every_proxy: LoRA on every emulator block, served by proxy-tuning
+  (it cannot plug in). All three keep the data owner's data on its machine, as the hybrid does;
 - lora_full: the ceiling, LoRA on every block of the full model, same recipe.
 The PEMA rank is chosen per task on the memory's held-out examples (never the test split). Each trained row runs
 with `--seeds`; intervals resample seeds and test inputs (common/confidence.py) over sacreBLEU's sufficient
@@ -51,17 +54,17 @@ import torch
 from sacrebleu.metrics import BLEU, CHRF
 
 from offsite.client.training import lora, train_adapter
-from offsite.client.training.config import TrainConfig
+from offsite.client.training.config import EVERY_BLOCK, TrainConfig
 from offsite.client.training.loop import fit
 from offsite.common import confidence as stats
 from offsite.common.architectures import depth, spec_for
 from offsite.common.bridge import Bridge, BridgedRepresenter
 from offsite.common.contract import DEFAULT_MODEL
-from offsite.common.emulator_loading import load_emulator
+from offsite.common.emulator_loading import load_emulator, plug_into_emulator
 from offsite.common.examples import Example, encode, tokenize_for_training
 from offsite.common.generation.loop import complete, model_policy
 from offsite.common.generation.sampling import SamplingConfig
-from offsite.common.generation.steppers import LocalStepper, ReadingStepper, Stepper
+from offsite.common.generation.steppers import LocalStepper, ReadingStepper, Stepper, stepper_for
 from offsite.common.model_loading import ensure_pad_token, fingerprint, load_model
 from offsite.common.pema.adapter import PemaAdapter
 from offsite.common.pema.bundle import load_pema, save_pema
@@ -71,6 +74,7 @@ from offsite.common.pema.memory import Memory
 from offsite.common.pema.policy import pema_policy
 from offsite.common.pema.representation import LocalRepresenter, build_memory, teacher_forcing
 from offsite.common.pema.training import train_pema
+from offsite.common.proxy_tuning import ProxyTuned
 from offsite.owner.adapters.plugin import plug
 from offsite.owner.emulator import EmulatorSpec, build_emulator
 from offsite.owner.emulator.bridge import build_bridge
@@ -102,6 +106,8 @@ ROWS = (
     "hybrid_reads_emulator_constant",
     "hybrid_reads_emulator_chosen",
     "lora_emulator_plug_in",
+    "lora_emulator_proxy",
+    "lora_emulator_every_proxy",
     "lora_full",
 )
 PEMA_ROWS = {"pema_constant": CONSTANT, "pema_gu": GRADUAL, "pema_gate": GATE}
@@ -115,6 +121,19 @@ HYBRID_VERSUS_REMOTE = (
     ("hybrid_reads_emulator_constant", "pema_constant", "reading the emulator, constant λ"),
     ("hybrid_reads_emulator_chosen", "pema_constant", "reading the emulator, λ chosen on held-out examples"),
 )
+
+
+class LoraEmulatorRow(NamedTuple):
+    every_block: bool  # LoRA on every emulator block (`--train-blocks every`), not the recipe's top blocks
+    proxy: bool  # served by proxy-tuning (common/proxy_tuning.py), not plugged into the full model
+
+
+# LoRA trained on the emulator by the data owner, as the owner can serve it (owner/adapters/delivery.py)
+LORA_EMULATOR_ROWS = {
+    "lora_emulator_plug_in": LoraEmulatorRow(every_block=False, proxy=False),
+    "lora_emulator_proxy": LoraEmulatorRow(every_block=False, proxy=True),
+    "lora_emulator_every_proxy": LoraEmulatorRow(every_block=True, proxy=True),
+}
 
 
 class HybridRow(NamedTuple):
@@ -317,7 +336,7 @@ class PemaBench:
         for first in range(0, len(task.prompts), self.args.batch):
             batch = task.prompts[first : first + self.args.batch]
             ids = [encode(self.tokenizer, p, special=True) for p in batch]
-            stepper: Stepper = LocalStepper(model)
+            stepper: Stepper = stepper_for(model)
             if reads_emulator:
                 stepper = ReadingStepper(stepper, LocalStepper(self.emulator), self.bridge()[0].apply)
             done = complete(stepper, ids, policy_for(first), sampling, self.tokenizer.eos_token_id, self.tokenizer)
@@ -476,23 +495,40 @@ class PemaBench:
     def lora_config(self, seed: int, blocks: str) -> TrainConfig:
         return replace(self.recipe.train_config(seed), train_blocks=blocks)
 
-    def lora_emulator(self, task: Task, seed: int) -> dict[str, Any]:
-        facts = self.facts(
-            task,
-            "lora_emulator_plug_in",
-            seed=seed,
-            recipe=asdict(self.recipe),
-            emulator_id=self.emulator_manifest["id"],
-        )
+    def lora_emulator(self, task: Task, seed: int, row: str = "lora_emulator_plug_in") -> dict[str, Any]:
+        every_block, proxy = LORA_EMULATOR_ROWS[row]
+        recipe = replace(self.recipe, train_blocks=EVERY_BLOCK) if every_block else self.recipe
+        facts = self.facts(task, row, seed=seed, recipe=asdict(recipe), emulator_id=self.emulator_manifest["id"])
         cell = self.cells.get(facts)
         if cell is None:
-            adapter = self.work / f"{task.slug}-lora-emulator-s{seed}"
-            config = self.lora_config(seed, self.recipe.train_blocks)
-            trained = train_adapter(self.emulator_dir, task.train, config, adapter, show_progress=self.args.progress)
-            plugged = plug(self.full, adapter, "lora")
-            decoded = self.decode(plugged, task, lambda _first: model_policy, f"LoRA plug-in seed {seed}")
-            cell = self.cells.put(facts, {"seed": seed, **decoded, "train_seconds": round(trained.seconds, 1)})
+            kind = "lora-emulator-every" if every_block else "lora-emulator"
+            adapter = self.work / f"{task.slug}-{task.digest()}-{kind}-s{seed}"
+            seconds = self.emulator_lora(task, self.lora_config(seed, recipe.train_blocks), adapter)
+            if proxy:
+                tuned = plug_into_emulator(copy.deepcopy(self.emulator), self.emulator_manifest, adapter)
+                model: torch.nn.Module = ProxyTuned(self.full, tuned, self.emulator)
+            else:
+                model = plug(self.full, adapter, "lora")
+            decoded = self.decode(model, task, lambda _first: model_policy, f"{row} seed {seed}")
+            cell = self.cells.put(facts, {"seed": seed, **decoded, "train_seconds": seconds})
         return cell
+
+    def emulator_lora(self, task: Task, config: TrainConfig, directory: Path) -> float | None:
+        """LoRA trained on the emulator into `directory` (named for the task's rows), kept there: an adapter already
+        there that this emulator and config trained is reused (the rows of one adapter share it). Its training
+        seconds, where known."""
+        seconds_file = directory.with_suffix(".seconds")
+        manifest = directory / "offsite.json"
+        if manifest.is_file():
+            found = json.loads(manifest.read_text())
+            trained = found["training"]
+            if found["emulator"] == self.emulator_manifest["id"] and all(
+                trained.get(k) == v for k, v in asdict(config).items() if k in trained
+            ):
+                return float(seconds_file.read_text()) if seconds_file.is_file() else None
+        result = train_adapter(self.emulator_dir, task.train, config, directory, show_progress=self.args.progress)
+        seconds_file.write_text(f"{result.seconds:.1f}\n")
+        return round(result.seconds, 1)
 
     def lora_full(self, task: Task, seed: int) -> dict[str, Any]:
         facts = self.facts(task, "lora_full", seed=seed, recipe=asdict(self.recipe))
@@ -521,8 +557,9 @@ class PemaBench:
             for row in HYBRID_ROWS:
                 if row in rows and (row != "hybrid_no_bridge" or seed == seeds[0]):
                     self.hybrid(task, seed, row)
-            if "lora_emulator_plug_in" in rows:
-                self.lora_emulator(task, seed)
+            for row in LORA_EMULATOR_ROWS:
+                if row in rows:
+                    self.lora_emulator(task, seed, row)
             if "lora_full" in rows:
                 self.lora_full(task, seed)
 
@@ -606,6 +643,10 @@ def build_report(cells: Cells, tasks: dict[str, Task], emulator_id: str) -> dict
             ("hybrid_reads_emulator_chosen", "hybrid_reads_emulator_constant"),
             ("pema_gu", "zero_shot"),
             ("lora_emulator_plug_in", "zero_shot"),
+            ("lora_emulator_proxy", "zero_shot"),
+            ("lora_emulator_every_proxy", "zero_shot"),
+            ("lora_emulator_proxy", "lora_emulator_plug_in"),
+            ("lora_emulator_every_proxy", "lora_emulator_proxy"),
             ("lora_full", "zero_shot"),
         ]
         if best_pema:
@@ -678,6 +719,8 @@ ROW_NAMES = {
     "hybrid_reads_emulator_constant": "hybrid PEMA reading the emulator's states at generation, constant λ",
     "hybrid_reads_emulator_chosen": "hybrid PEMA reading the emulator's states, λ chosen on held-out examples",
     "lora_emulator_plug_in": "LoRA on the emulator, plugged in",
+    "lora_emulator_proxy": "LoRA on the emulator, served by proxy-tuning",
+    "lora_emulator_every_proxy": "LoRA on every emulator block, served by proxy-tuning",
     "lora_full": "LoRA on every block of the full model (ceiling)",
 }
 

@@ -289,6 +289,8 @@ TABLES: dict[str, Callable[[], str]] = {
             "hybrid_reads_emulator_constant",
             "hybrid_reads_emulator_chosen",
             "lora_emulator_plug_in",
+            "lora_emulator_proxy",
+            "lora_emulator_every_proxy",
         ),
     ),
     "transport": transport_table,

@@ -49,7 +49,7 @@ from ..common.contract import (
 from ..common.examples import DataError, Example, encode
 from ..common.generation.loop import Piece, model_policy, stream
 from ..common.generation.sampling import SamplingConfig
-from ..common.generation.steppers import LocalStepper, ProxyStepper
+from ..common.generation.steppers import stepper_for
 from ..common.manifest import BundleError, read_manifest, verify_bundle, write_manifest
 from ..common.model_loading import LoadedModel, fingerprint, tokenizer_sha256
 from ..common.pema.bundle import load_pema
@@ -593,7 +593,7 @@ class OwnerService:
                 policy = pema_policy(adapter, head, config, sampling.max_new_tokens, planned)
             else:
                 model, policy = self._model_for(tenant, adapter_id, delivery), model_policy
-            stepper = ProxyStepper(model) if isinstance(model, ProxyTuned) else LocalStepper(model)
+            stepper = stepper_for(model)
             eos_id = self.loaded.tokenizer.eos_token_id
             yield from stream(stepper, prompt_ids, policy, sampling, eos_id, self.loaded.tokenizer)
 

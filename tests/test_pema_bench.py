@@ -47,6 +47,13 @@ def test_smoke_run_fills_every_row_with_cis_and_resumes_from_its_cells() -> None
     assert noisy["key_noise"] == pema.HYBRID_KEY_NOISE  # trained on noisy keys, and the cell says how noisy
     # another emulator's cell of the same seed belongs to that emulator's report, not to this one
     cells = Path(report["out"]).parent / "cells"
+    # the plug-in and the proxy row serve one adapter, trained once; the every-block one is its own
+    seconds = {
+        (cell["row"], cell["seed"]): cell["train_seconds"]
+        for cell in map(json.loads, (f.read_text() for f in cells.glob("e2e-lora_emulator_*.json")))
+    }
+    assert seconds[("lora_emulator_proxy", 0)] == seconds[("lora_emulator_plug_in", 0)] is not None
+    assert seconds[("lora_emulator_every_proxy", 0)] != seconds[("lora_emulator_plug_in", 0)]
     hybrid = json.loads(next(cells.glob("e2e-hybrid-*.json")).read_text())
     (cells / "e2e-hybrid-another-emulator.json").write_text(json.dumps({**hybrid, "emulator_id": "distill-9-9-9"}))
     # --report rebuilds the same figures from the cells alone, without a model

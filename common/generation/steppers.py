@@ -131,3 +131,8 @@ class ProxyStepper:
         # log-probs are logits less a per-row constant, which the softmax drops: the same as combining logits
         steered = self.model.combine(*(log_probs for _, log_probs in results))
         return states, torch.log_softmax(steered, dim=-1)
+
+
+def stepper_for(model: PreTrainedModel | PeftModel | ProxyTuned) -> LocalStepper | ProxyStepper:
+    """The stepper that generates with `model`: a proxy-tuned model steps each member on its own cache."""
+    return ProxyStepper(model) if isinstance(model, ProxyTuned) else LocalStepper(model)
