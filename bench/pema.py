@@ -27,6 +27,8 @@ statistics, and two rows are compared paired on the same inputs.
 
 Every cell (task × row × seed) is cached in bench/results/pema_cells/ with its outputs; rerunning skips what is
 done, so the benchmark runs in pieces. `--report` rebuilds bench/results/pema.{json,md,png} from the cells.
+The rows that depend on the emulator run on `--emulator` (the product's default); the others are shared, so
+`--emulator distill:2-8-2 --out bench/results/pema_distill_2-8-2 --report` rebuilds the older emulator's report.
 
     python bench/pema.py --tasks e2e --seeds 0            # one piece
     python bench/pema.py --report                         # tables, targets and plot from every cell
@@ -59,7 +61,7 @@ from offsite.client.training.loop import fit
 from offsite.common import confidence as stats
 from offsite.common.architectures import depth, spec_for
 from offsite.common.bridge import Bridge, BridgedRepresenter
-from offsite.common.contract import DEFAULT_MODEL
+from offsite.common.contract import DEFAULT_EMULATOR, DEFAULT_MODEL
 from offsite.common.emulator_loading import load_emulator, plug_into_emulator
 from offsite.common.examples import Example, encode, tokenize_for_training
 from offsite.common.generation.loop import complete, model_policy
@@ -157,7 +159,6 @@ HYBRID_ROWS = {
 READING_LAMBDA_FILE = ROOT / "bench" / "results" / "pema_reading_lambda.json"
 RANKS = (64, 128, 256)  # the bottleneck sweep; d = 576 on SmolLM2-135M
 STOP = ("\n",)  # every task answers in one line
-DEFAULT_EMULATOR = "distill:2-8-2"
 
 
 @dataclass(frozen=True)
@@ -673,11 +674,13 @@ def build_report(cells: Cells, tasks: dict[str, Task], emulator_id: str) -> dict
         if {"pema_gate", "pema_constant", "pema_gu"} <= present:
             margin = bleu(slug, "pema_gate") - max(bleu(slug, "pema_constant"), bleu(slug, "pema_gu"))
             targets.append(_target(slug, "gate ≥ the better of constant λ and GU", margin, 0.0))
-        worst = max((r["hit_limit_fraction"] for r in runs if r["task"] == slug), default=None)
+        worst = max((r for r in runs if r["task"] == slug), key=lambda r: r["hit_limit_fraction"], default=None)
         zero_shot = groups.get((slug, "zero_shot"), [{}])[0]
         goal = round(0.05 + zero_shot.get("long_reference_fraction", 0.0), 4)  # "unless the reference is that long"
         what = "no row hits the token limit on more than 5% of inputs (more where references are that long)"
-        targets.append(_target(slug, what, worst, goal, below=True))
+        if worst is not None:
+            value = worst["hit_limit_fraction"]
+            targets.append({**_target(slug, what, value, goal, below=True), "worst_row": worst["row"]})
     return {
         "runs": runs,
         "comparisons": comparisons,
@@ -802,7 +805,8 @@ def markdown(report: dict[str, Any], meta: dict[str, Any]) -> str:
     lines += ["", "## Targets", "", "| task | target | value | goal | met |", "|---|---|---:|---:|---|"]
     for t in report["targets"]:
         met = "—" if t["met"] is None else ("yes" if t["met"] else "**no**")
-        lines.append(f"| {t['task']} | {t['target']} | {t['value']} | {t['goal']} | {met} |")
+        value = f"{t['value']} ({t['worst_row']})" if "worst_row" in t else t["value"]
+        lines.append(f"| {t['task']} | {t['target']} | {value} | {t['goal']} | {met} |")
     return "\n".join(lines) + "\n"
 
 
@@ -904,25 +908,25 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     started = time.perf_counter()
     tasks = load_tasks(args)
     emulator_id = EmulatorSpec.parse(args.emulator).id
-    meta: dict[str, Any] = {
-        "device": f"CPU ({platform.machine()}), torch threads {torch.get_num_threads()}",
-        "emulator": emulator_id,
-    }
+    meta: dict[str, Any] = {"emulator": emulator_id}
     if not args.report:
         bench = PemaBench(args)
         rows = [r for r in args.rows.split(",") if r]
         for task in tasks.values():
             bench.run_task(task, [int(s) for s in args.seeds.split(",") if s], rows)
         meta |= {
+            "device": f"CPU ({platform.machine()}), torch threads {torch.get_num_threads()}",
             "model": bench.model_name,
-            "bridge": bench.bridge()[1] if any(r.startswith("hybrid") for r in rows) else None,
             "pema": asdict(bench.pema_config),
             "recipe": asdict(bench.recipe),
         }
+        if any(r.startswith("hybrid") for r in rows):
+            meta["bridge"] = bench.bridge()[1]
     out = Path(args.out)
     previous = out.with_suffix(".json")
-    if args.report and previous.is_file():  # the run that made the cells knew the model and the emulator
-        meta = {**json.loads(previous.read_text()).get("meta", {}), **meta}
+    earlier = json.loads(previous.read_text()).get("meta", {}) if previous.is_file() else {}
+    if earlier.get("emulator") == emulator_id:  # what the runs that made the cells knew: device, model, bridge
+        meta = {**earlier, **meta}
     # every task's cells, not only those run now: a run of one task must not drop another's table
     found = {**load_tasks(args, [t for t in TASKS if t not in tasks]), **tasks}
     every_task = {t: found[t] for t in TASKS}  # in TASKS's order, whichever tasks this run named

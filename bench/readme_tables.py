@@ -173,27 +173,51 @@ def demo_table() -> str:
     return "\n".join(lines)
 
 
-def pema_table(name: str = "pema.json", only: tuple[str, ...] = ()) -> str:
-    """Every row of a PEMA report, or `only` those, in the benchmark's own order."""
-    result = _load(name)
+def pema_table() -> str:
+    """Every row of the PEMA report in the benchmark's own order: BLEU with its CI, chrF, how often the limit hit."""
+    result = _load("pema.json")
     tasks = [t for t in result["tasks"] if any(r["task"] == t for r in result["runs"])]
     runs = {(r["task"], r["row"]): r for r in result["runs"]}
-    rows = [r for r in dict.fromkeys(r["row"] for r in result["runs"]) if not only or r in only]
+    rows = list(dict.fromkeys(r["row"] for r in result["runs"]))
     names = [result["tasks"][t]["name"] for t in tasks]
     lines = [
-        "| row | " + " | ".join(f"{n}: BLEU [95% CI], seeds" for n in names) + " |",
-        "|---|" + "---:|" * len(tasks),
+        "| row | " + " | ".join(f"{n}: BLEU [95% CI] | chrF | at the limit | seeds" for n in names) + " |",
+        "|---|" + "---:|---:|---:|---:|" * len(tasks),
     ]
     for row in rows:
         cells = []
         for task in tasks:
             found = runs.get((task, row))
             cells.append(
-                f"{found['bleu']:.2f} [{found['ci_low']:.2f}, {found['ci_high']:.2f}], {len(found['seeds'])}"
+                f"{found['bleu']:.2f} [{found['ci_low']:.2f}, {found['ci_high']:.2f}] | {found['chrf']:.1f} | "
+                f"{100 * found['hit_limit_fraction']:.1f}% | {len(found['seeds'])}"
                 if found
-                else "—"
+                else "— | — | — | —"
             )
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def pema_targets() -> str:
+    """The issue's targets, one line per target, one column per task: the measured value, the goal, met or not."""
+    result = _load("pema.json")
+    tasks = [t for t in result["tasks"] if any(r["task"] == t for r in result["runs"])]
+    found = {(t["target"], t["task"]): t for t in result["targets"]}
+    lines = [
+        "| target | " + " | ".join(result["tasks"][t]["name"] for t in tasks) + " |",
+        "|---|" + "---|" * len(tasks),
+    ]
+    for what in dict.fromkeys(t["target"] for t in result["targets"]):
+        cells = []
+        for task in tasks:
+            target = found.get((what, task))
+            if target is None or target["value"] is None:
+                cells.append("—")
+            else:
+                verdict = "met" if target["met"] else "**not met**"
+                worst = f", {target['worst_row']}" if "worst_row" in target else ""
+                cells.append(f"{target['value']:g}{worst} (goal {target['goal']:g}): {verdict}")
+        lines.append(f"| {what} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -273,26 +297,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "transfer-delivery": transfer_delivery_table,
     "demo": demo_table,
     "pema": pema_table,
-    # the rows that depend on the emulator, at the product's default one (the table above: distill:2-8-2)
-    "pema-default-emulator": lambda: pema_table(
-        "pema_distill_3-14-3.json",
-        (
-            "zero_shot",
-            "pema_constant",
-            "pema_gu",
-            "hybrid",
-            "hybrid_constant",
-            "hybrid_no_bridge",
-            "hybrid_key_noise",
-            "hybrid_key_noise_constant",
-            "hybrid_reads_emulator",
-            "hybrid_reads_emulator_constant",
-            "hybrid_reads_emulator_chosen",
-            "lora_emulator_plug_in",
-            "lora_emulator_proxy",
-            "lora_emulator_every_proxy",
-        ),
-    ),
+    "pema-targets": pema_targets,
     "transport": transport_table,
     "load": load_table,
     "efficiency": efficiency_table,
