@@ -173,10 +173,15 @@ def demo_table() -> str:
     return "\n".join(lines)
 
 
+def _pema_tasks(result: dict[str, Any]) -> list[str]:
+    """The tasks of a PEMA report that have runs, in the report's order."""
+    return [t for t in result["tasks"] if any(r["task"] == t for r in result["runs"])]
+
+
 def pema_table() -> str:
     """Every row of the PEMA report in the benchmark's own order: BLEU with its CI, chrF, how often the limit hit."""
     result = _load("pema.json")
-    tasks = [t for t in result["tasks"] if any(r["task"] == t for r in result["runs"])]
+    tasks = _pema_tasks(result)
     runs = {(r["task"], r["row"]): r for r in result["runs"]}
     rows = list(dict.fromkeys(r["row"] for r in result["runs"]))
     names = [result["tasks"][t]["name"] for t in tasks]
@@ -201,7 +206,7 @@ def pema_table() -> str:
 def pema_targets() -> str:
     """The issue's targets, one line per target, one column per task: the measured value, the goal, met or not."""
     result = _load("pema.json")
-    tasks = [t for t in result["tasks"] if any(r["task"] == t for r in result["runs"])]
+    tasks = _pema_tasks(result)
     found = {(t["target"], t["task"]): t for t in result["targets"]}
     lines = [
         "| target | " + " | ".join(result["tasks"][t]["name"] for t in tasks) + " |",
